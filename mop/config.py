@@ -1,0 +1,104 @@
+"""The workflow config: schema validation (with defaults) and checks run before any job.
+
+`validate_config` applies `workflow/schemas/config.schema.yaml` through Snakemake's own
+`validate` (which also fills in defaults) and turns its error into one line naming the
+key. `preflight` then checks what a schema cannot: that model aliases resolve offline,
+that names used across sections exist, and that K does not exceed a KG's entity count.
+Both run in the Snakefile before the DAG is built, and in `mop check-config`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mop.errors import MopError
+from mop.io import read_json, safe_name
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def _key_path(error: Any) -> str:
+    parts = []
+    for p in error.absolute_path:
+        parts.append(f"[{p}]" if isinstance(p, int) else (f".{p}" if parts else str(p)))
+    return "".join(parts) or "(top level)"
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Validate in place against the schema, filling defaults; raise MopError naming the key."""
+    import jsonschema
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    try:
+        validate(config, str(SCHEMA), set_default=True)
+    except WorkflowError as exc:
+        cause = next((a for a in exc.args if isinstance(a, jsonschema.ValidationError)), None)
+        if cause is None:
+            raise MopError(f"config: {exc}") from exc
+        best = jsonschema.exceptions.best_match([cause, *cause.context]) if cause.context else cause
+        raise MopError(f"config key {_key_path(best)}: {best.message}") from exc
+    return config
+
+
+def load_config(*paths: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read YAML config files (later ones win at the top level), validate, fill defaults."""
+    config: dict[str, Any] = {}
+    for p in paths:
+        p = Path(p)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise MopError(f"{p}: cannot read config ({exc})") from exc
+        config.update(data)
+    config.update(overrides or {})
+    return validate_config(config)
+
+
+def kg_entity_count(name: str, kg_cfg: dict[str, Any], results: Path) -> int | None:
+    """Entities in a KG: from its stats.json if built, else by building it if that is cheap."""
+    stats = results / "kg" / name / "stats.json"
+    if stats.is_file():
+        return int(read_json(stats)["entities"])
+    if kg_cfg["source"] == "hpo":
+        from mop.kg.sources import build_kg
+
+        return build_kg(kg_cfg, f"kgs.{name}")[0].num_entities
+    return None
+
+
+def preflight(config: dict[str, Any]) -> None:
+    """Checks that need more than the schema; raise MopError on the first problem."""
+    from mop.models import resolve_model
+
+    for alias in config["models"]:
+        safe_name(alias, f"models.{alias}")
+    for alias in config["base_models"]:
+        resolve_model(alias, config["models"])
+    for name in config["kgs"]:
+        safe_name(name, f"kgs.{name}")
+    ft = config["finetune"]
+    for name in ft.get("kgs") or []:
+        if name not in config["kgs"]:
+            raise MopError(f"config key finetune.kgs: unknown KG {name!r}")
+    ks = set(config["partition"]["k"])
+    if "mop" in ft["methods"] and ft["k"] not in ks:
+        raise MopError(f"config key finetune.k: {ft['k']} is not one of partition.k {sorted(ks)}")
+    probe = config["tasks"].get("probe")
+    if "probe" in ft["tasks"]:
+        if probe is None:
+            raise MopError("config key tasks.probe: finetune.tasks lists probe but it has no settings")
+        if probe["kg"] not in config["kgs"]:
+            raise MopError(f"config key tasks.probe.kg: unknown KG {probe['kg']!r}")
+        ks.add(probe["k"])
+    results = Path(config["results"])
+    for name, kg_cfg in config["kgs"].items():
+        n = kg_entity_count(name, kg_cfg, results)
+        if n is not None and max(ks) > n:
+            raise MopError(
+                f"config key partition.k: K = {max(ks)} is larger than the {n} entities of KG {name!r}"
+            )

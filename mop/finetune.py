@@ -1,0 +1,294 @@
+"""Fine-tuning on a downstream task, one loop for every task and method.
+
+Methods:
+- `base`: the plain base model, everything trained;
+- `adapter`: the base model with one pretrained partition adapter, everything trained;
+- `mop`: the base model with all K pretrained adapters through a mixture layer
+  (softmax AdapterFusion, Gumbel-softmax or sparse MoE), everything trained (paper 2.3).
+
+The loop: AdamW (weight decay 0.01 except bias/LayerNorm; separate learning rates for base
+model, adapters, fusion and head), linear schedule with warmup, dev evaluation after every
+epoch, early stopping with patience, best-on-dev weights restored for the test split.
+Outputs: metrics.json, predictions.parquet (per example, for significance tests),
+mixture.parquet (final-layer [CLS] mixture weights on test, for mop) and optionally the
+best model as safetensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from safetensors.torch import save_model
+from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+import adapters
+from mop.batching import Sequences, bucketed_batches, sequential_batches
+from mop.errors import MopError
+from mop.fusion import MixtureConfig, add_mixture, mixture_aux_loss
+from mop.io import atomic_path, write_json, write_parquet
+from mop.models import ModelSpec, load_base_model, load_tokenizer
+from mop.tasks import SPLITS, TaskSpec
+from mop.tracking import Tracker
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = 3
+    batch_size: int = 16
+    max_length: int = 128
+    lr: float = 2e-5  # base model
+    lr_adapters: float | None = None  # defaults to lr
+    lr_fusion: float | None = None
+    lr_head: float | None = None
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    patience: int = 5
+    dropout: float = 0.1
+    pooling: str = "cls"  # "cls" or "mean"
+    max_grad_norm: float | None = None
+    seed: int = 0
+    threads: int = 1
+    save_model: bool = True
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+
+
+@dataclass(frozen=True)
+class EncodedSplit:
+    ids: list[str]
+    seqs: Sequences
+    labels: np.ndarray
+    frame: pl.DataFrame
+
+
+def encode_split(frame: pl.DataFrame, tokenizer: Any, max_length: int) -> EncodedSplit:
+    """Tokenize a split once: (text_a, text_b) pairs, truncated to max_length."""
+    a = frame["text_a"].to_list()
+    b = frame["text_b"].to_list() if "text_b" in frame.columns else [None] * len(a)
+    if all(x is None for x in b):
+        enc = tokenizer(a, truncation=True, max_length=max_length)
+    else:
+        enc = tokenizer(a, [x or "" for x in b], truncation="longest_first", max_length=max_length)
+    seqs = Sequences.from_series(pl.Series(enc["input_ids"], dtype=pl.List(pl.Int32)))
+    return EncodedSplit(frame["id"].to_list(), seqs, frame["label"].to_numpy().astype(np.int64), frame)
+
+
+class Classifier(torch.nn.Module):
+    """Encoder (with any active adapters / fusion) + dropout + linear head."""
+
+    def __init__(self, encoder: torch.nn.Module, num_labels: int, dropout: float, pooling: str):
+        super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise MopError(f"finetune.pooling: {pooling!r} is not cls or mean")
+        self.encoder = encoder
+        self.pooling = pooling
+        self.dropout = torch.nn.Dropout(dropout)
+        self.head = torch.nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                output_mixture: bool = False) -> tuple[torch.Tensor, Any]:
+        kwargs = {"output_adapter_fusion_attentions": True} if output_mixture else {}
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        h = out.last_hidden_state
+        if self.pooling == "cls":
+            pooled = h[:, 0]
+        else:
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1)
+        logits = self.head(self.dropout(pooled))
+        return logits, (out.adapter_fusion_attentions if output_mixture else None)
+
+
+def build_classifier(
+    spec: ModelSpec, task: TaskSpec, method: str, adapter_dirs: list[Path], cfg: FinetuneConfig,
+) -> tuple[Classifier, str | None]:
+    """The model for a method; returns it and the fusion's name (None without fusion)."""
+    encoder = load_base_model(spec)
+    fusion_name = None
+    if method in ("adapter", "mop"):
+        if not adapter_dirs:
+            raise MopError(f"finetune: method {method} needs pretrained adapters")
+        adapters.init(encoder)
+        names = []
+        for i, d in enumerate(adapter_dirs):
+            name = f"p{i}"
+            encoder.load_adapter(str(d), load_as=name, use_safetensors=True)
+            names.append(name)
+        if method == "adapter":
+            if len(names) != 1:
+                raise MopError("finetune: method adapter takes exactly one adapter")
+            encoder.set_active_adapters(names[0])
+            for p in encoder.parameters():
+                p.requires_grad_(True)
+        else:
+            fusion_name = add_mixture(encoder, names, cfg.mixture).name
+    elif method != "base":
+        raise MopError(f"finetune: unknown method {method!r} (base, adapter, mop)")
+    return Classifier(encoder, task.num_labels, cfg.dropout, cfg.pooling), fusion_name
+
+
+def _param_groups(model: Classifier, cfg: FinetuneConfig) -> list[dict]:
+    """Four learning rates (base, adapters, fusion, head), no decay on bias / LayerNorm."""
+    lrs = {"base": cfg.lr, "adapters": cfg.lr_adapters or cfg.lr,
+           "fusion": cfg.lr_fusion or cfg.lr, "head": cfg.lr_head or cfg.lr}
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("head."):
+            part = "head"
+        elif "adapter_fusion_layer" in name:
+            part = "fusion"
+        elif ".adapters." in name:
+            part = "adapters"
+        else:
+            part = "base"
+        decay = not (name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name)
+        groups.setdefault((part, decay), []).append(p)
+    return [{"params": ps, "lr": lrs[part], "weight_decay": cfg.weight_decay if decay else 0.0,
+             "name": f"{part}{'' if decay else '_no_decay'}"}
+            for (part, decay), ps in sorted(groups.items())]
+
+
+@torch.no_grad()
+def predict(model: Classifier, split: EncodedSplit, pad_id: int, batch_size: int,
+            fusion_name: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class probabilities per example (and final-layer [CLS] mixture weights with fusion)."""
+    model.eval()
+    probs = np.zeros((len(split.seqs), model.head.out_features), dtype=np.float32)
+    mix = None
+    for idx in sequential_batches(len(split.seqs), batch_size, split.seqs.lengths):
+        ids, mask = split.seqs.pad(idx, pad_id)
+        logits, att = model(ids, mask, output_mixture=fusion_name is not None)
+        probs[idx] = torch.softmax(logits.float(), -1).numpy()
+        if att is not None:
+            layers = att[fusion_name]
+            last = layers[max(layers)]["output_adapter"]
+            if mix is None:
+                mix = np.zeros((len(split.seqs), last.shape[-1]), dtype=np.float32)
+            mix[idx] = last[:, 0, :]
+    return probs, mix
+
+
+def evaluate(task: TaskSpec, split: EncodedSplit, probs: np.ndarray) -> tuple[dict, pl.DataFrame]:
+    frame = pl.DataFrame({"id": split.ids, "label": split.labels, "pred": probs.argmax(1)})
+    frame = frame.with_columns(
+        pl.Series("prob", probs.tolist(), dtype=pl.List(pl.Float32))
+    )
+    return task.metric(frame), frame
+
+
+def finetune(
+    spec: ModelSpec, task: TaskSpec, task_dir: str | Path, method: str, adapter_dirs: list[Path],
+    cfg: FinetuneConfig, out_dir: str | Path, tracker: Tracker | None = None,
+) -> dict[str, Any]:
+    """Train on train, select on dev, report test; write every output of the run."""
+    out = Path(out_dir)
+    torch.set_num_threads(max(1, cfg.threads))
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(spec)
+    data = {}
+    for s in SPLITS:
+        path = Path(task_dir) / f"{s}.parquet"
+        if not path.is_file():
+            raise MopError(f"{path}: task split not found (run the task's prepare step)")
+        data[s] = encode_split(pl.read_parquet(path), tokenizer, cfg.max_length)
+        bad = (data[s].labels < 0) | (data[s].labels >= task.num_labels)
+        if bad.any():
+            raise MopError(f"{path}: row {int(np.argmax(bad))} has label "
+                           f"{int(data[s].labels[bad][0])} outside 0..{task.num_labels - 1}")
+    model, fusion_name = build_classifier(spec, task, method, adapter_dirs, cfg)
+    train = data["train"]
+    steps_per_epoch = math.ceil(len(train.seqs) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg))
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup * total), total)
+    best = {"score": -math.inf, "epoch": -1, "state": None}
+    history = []
+    step, seen, seconds, stale = 0, 0, 0.0, 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        losses = []
+        batches = bucketed_batches(train.seqs.lengths, cfg.batch_size, cfg.seed, epoch)
+        for idx in tqdm(batches, desc=f"finetune {out.name} epoch {epoch}", mininterval=5):
+            tick = time.perf_counter()
+            ids, mask = train.seqs.pad(idx, tokenizer.pad_token_id)
+            logits, _ = model(ids, mask)
+            loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(train.labels[idx]))
+            if fusion_name is not None:
+                if cfg.mixture.fusion_reg:
+                    reg = model.encoder.get_fusion_regularization_loss()
+                    if reg is not None:
+                        loss = loss + reg
+                aux = mixture_aux_loss(model)
+                if aux is not None:
+                    loss = loss + aux
+            loss.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+            seen += idx.size
+            seconds += time.perf_counter() - tick
+        dev_probs, _ = predict(model, data["dev"], tokenizer.pad_token_id, cfg.batch_size * 4)
+        dev_metrics, _ = evaluate(task, data["dev"], dev_probs)
+        score = dev_metrics[task.main_metric]
+        entry = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)),
+                 **{f"dev_{k}": v for k, v in dev_metrics.items()}}
+        history.append(entry)
+        if tracker:
+            tracker.log_metrics({k: v for k, v in entry.items() if k != "epoch"} |
+                                {"examples_per_s": seen / max(seconds, 1e-9)}, epoch)
+        if score > best["score"]:
+            best = {"score": score, "epoch": epoch,
+                    "state": copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})}
+            stale = 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    model.load_state_dict(best["state"])
+    results: dict[str, Any] = {}
+    frames = []
+    mixture = None
+    for s in SPLITS:
+        probs, mix = predict(model, data[s], tokenizer.pad_token_id, cfg.batch_size * 4,
+                             fusion_name if s == "test" else None)
+        metrics, frame = evaluate(task, data[s], probs)
+        results[s] = metrics
+        frames.append(frame.with_columns(split=pl.lit(s)))
+        if mix is not None:
+            mixture = pl.DataFrame({"id": data[s].ids}).with_columns(
+                pl.Series("weights", mix.tolist(), dtype=pl.List(pl.Float32)),
+                text=data[s].frame["text_a"],
+            )
+    metrics = {
+        "task": task.name, "method": method, "main_metric": task.main_metric,
+        "best_epoch": best["epoch"], "epochs_run": len(history), "steps": step,
+        "examples_per_s": seen / max(seconds, 1e-9), "train_seconds": seconds,
+        **{f"{s}_{k}": v for s, m in results.items() for k, v in m.items()},
+        "history": history, "config": asdict(cfg),
+    }
+    write_parquet(pl.concat(frames), out / "predictions.parquet")
+    if mixture is not None:
+        write_parquet(mixture, out / "mixture.parquet")
+    if cfg.save_model:
+        with atomic_path(out / "model.safetensors") as tmp:
+            save_model(model, str(tmp))
+    write_json(metrics, out / "metrics.json")
+    if tracker:
+        tracker.log_metrics({f"{s}_{k}": v for s, m in results.items() for k, v in m.items()},
+                            len(history))
+        tracker.log_artifact(out / "metrics.json")
+    return metrics

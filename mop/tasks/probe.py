@@ -1,0 +1,133 @@
+"""A synthetic yes/no probe of infused knowledge, built from the knowledge graph itself.
+
+Not one of the paper's benchmarks: it asks "Is <phenotype> a feature of <disease>?" about
+the HPO graph, so that the embedded default can test whether knowledge infused into the
+partition adapters reaches a downstream task.
+
+- Facts: triples of one relation ("has phenotype") whose head and tail lie in the same
+  partition, i.e. exactly the facts some adapter was trained on.
+- Split by disease: a test disease never appears in the probe's training split, so a model
+  can only answer its questions from what it knew before fine-tuning (the base model's
+  general knowledge, or the adapters' infused facts).
+- Negatives are swapped pairs: two positives (d1, p1), (d2, p2) of one partition give the
+  negatives (d1, p2) and (d2, p1) (checked not to be facts). Every disease and phenotype
+  is then asked about once with "yes" and once with "no", so priors on names, frequencies
+  or partitions score exactly 0.5.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from mop.errors import MopError
+from mop.io import write_json, write_parquet
+from mop.kg import read_kg
+from mop.tasks import SPLITS, TaskSpec, accuracy
+
+SPEC = TaskSpec(name="probe", labels=("no", "yes"), metric=accuracy, main_metric="accuracy")
+DEFAULT_TEMPLATE = "Is {tail} a feature of {head}?"
+
+
+def _pair_up(
+    pos: list[tuple[int, int]], facts: set[tuple[int, int]], rng: np.random.Generator,
+    window: int = 64,
+) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Greedy swapped-pair matching of positives; unmatched positives are dropped."""
+    order = rng.permutation(len(pos))
+    pending: list[tuple[int, int]] = []
+    pairs = []
+    for i in order:
+        d1, p1 = pos[i]
+        for j in range(len(pending) - 1, max(-1, len(pending) - 1 - window), -1):
+            d2, p2 = pending[j]
+            if d1 != d2 and p1 != p2 and (d1, p2) not in facts and (d2, p1) not in facts:
+                pairs.append(((d1, p1), (d2, p2)))
+                pending.pop(j)
+                break
+        else:
+            pending.append((d1, p1))
+    return pairs
+
+
+def build_probe(
+    kg_dir: str | Path,
+    partition_dir: str | Path,
+    *,
+    relation: str = "has phenotype",
+    shares: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    max_questions: dict[str, int] | None = None,
+    template: str = DEFAULT_TEMPLATE,
+    seed: int = 0,
+) -> dict[str, pl.DataFrame]:
+    """The probe's train/dev/test questions (columns described in the module docstring)."""
+    kg = read_kg(kg_dir)
+    rel = kg.relations.filter(pl.col("name") == relation)
+    if rel.height == 0:
+        raise MopError(f"tasks.probe.relation: {relation!r} is not a relation of {kg_dir}")
+    part = pl.read_parquet(Path(partition_dir) / "membership.parquet").sort("entity")[
+        "partition"
+    ].to_numpy()
+    facts_df = kg.triples.filter(pl.col("relation") == rel["id"][0])
+    heads = facts_df["head"].to_numpy()
+    tails = facts_df["tail"].to_numpy()
+    facts = set(zip(heads.tolist(), tails.tolist(), strict=True))
+    inside = part[heads] == part[tails]
+    rng = np.random.default_rng(seed)
+    diseases = np.unique(heads[inside])
+    diseases = diseases[rng.permutation(diseases.size)]
+    cuts = np.cumsum([round(s * diseases.size) for s in shares[:2]])
+    split_of = {int(d): SPLITS[int(np.searchsorted(cuts, i, side="right"))]
+                for i, d in enumerate(diseases)}
+    names = kg.entities["name"].to_list()
+    out: dict[str, pl.DataFrame] = {}
+    for split in SPLITS:
+        rows = []
+        for p in np.unique(part):
+            pos = [(int(h), int(t)) for h, t in zip(heads[inside], tails[inside], strict=True)
+                   if part[h] == p and split_of[int(h)] == split]
+            for (d1, p1), (d2, p2) in _pair_up(pos, facts, rng):
+                pair = len(rows) // 4
+                for d, ph, label in ((d1, p1, 1), (d2, p2, 1), (d1, p2, 0), (d2, p1, 0)):
+                    rows.append((pair, int(p), d, ph, label))
+        frame = pl.DataFrame(
+            rows, schema={"pair": pl.Int32, "partition": pl.Int32, "disease": pl.Int32,
+                          "phenotype": pl.Int32, "label": pl.Int64}, orient="row",
+        )
+        n_pairs = frame["pair"].n_unique() if frame.height else 0
+        keep = rng.permutation(n_pairs)
+        limit = (max_questions or {}).get(split)
+        if limit is not None:
+            keep = keep[: max(1, limit // 4)]
+        frame = frame.filter(pl.col("pair").is_in(keep.tolist())).sort(["pair", "label"])
+        if frame.height == 0:
+            raise MopError(f"tasks.probe: no {split} questions could be built from {partition_dir}")
+        frame = frame.with_columns(
+            id=pl.format("{}-{}-{}", pl.lit(split), pl.col("disease"), pl.col("phenotype")),
+            text_a=pl.struct("disease", "phenotype").map_elements(
+                lambda r: template.format(head=names[r["disease"]], tail=names[r["phenotype"]]),
+                return_dtype=pl.String,
+            ),
+            text_b=pl.lit(None, dtype=pl.String),
+        )
+        out[split] = frame.select("id", "text_a", "text_b", "label", "pair", "partition",
+                                  "disease", "phenotype")
+    return out
+
+
+def prepare(kg_dir: str | Path, partition_dir: str | Path, out_dir: str | Path, **kwargs) -> dict:
+    """Write the probe's splits and a summary; return the summary."""
+    splits = build_probe(kg_dir, partition_dir, **kwargs)
+    summary = {
+        "kg": str(kg_dir),
+        "partition": str(partition_dir),
+        "questions": {s: f.height for s, f in splits.items()},
+        "diseases": {s: f["disease"].n_unique() for s, f in splits.items()},
+        "yes_share": {s: float(f["label"].mean()) for s, f in splits.items()},
+    }
+    for split, frame in splits.items():
+        write_parquet(frame, Path(out_dir) / f"{split}.parquet")
+    write_json(summary, Path(out_dir) / "summary.json")
+    return summary

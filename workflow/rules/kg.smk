@@ -1,0 +1,16 @@
+rule kg:
+    output:
+        entities=f"{R}/kg/{{kg}}/entities.parquet",
+        relations=f"{R}/kg/{{kg}}/relations.parquet",
+        triples=f"{R}/kg/{{kg}}/triples.parquet",
+        stats=f"{R}/kg/{{kg}}/stats.json",
+    params:
+        options=lambda w: as_json(config["kgs"][w.kg]),
+        out=lambda w: f"{R}/kg/{w.kg}",
+    log:
+        f"{R}/logs/kg/{{kg}}.log",
+    resources:
+        mem_mb=lambda w: res("kg", "mem_mb"),
+        runtime=lambda w: res("kg", "runtime"),
+    shell:
+        "mop kg --name {wildcards.kg} --options {params.options:q} --out {params.out} 2> {log:q}"

@@ -1,0 +1,20 @@
+rule partition:
+    input:
+        triples=f"{R}/kg/{{kg}}/triples.parquet",
+    output:
+        membership=f"{R}/partition/{{kg}}/k{{k}}-{{scheme}}/membership.parquet",
+        triples=f"{R}/partition/{{kg}}/k{{k}}-{{scheme}}/triples.parquet",
+        stats=f"{R}/partition/{{kg}}/k{{k}}-{{scheme}}/stats.json",
+    params:
+        options=lambda w: as_json(config["partition"]),
+        shuffle=lambda w: shuffle_rate(w.scheme),
+        kg=lambda w: f"{R}/kg/{w.kg}",
+        out=lambda w: f"{R}/partition/{w.kg}/k{w.k}-{w.scheme}",
+    log:
+        f"{R}/logs/partition/{{kg}}/k{{k}}-{{scheme}}.log",
+    resources:
+        mem_mb=lambda w: res("partition", "mem_mb"),
+        runtime=lambda w: res("partition", "runtime"),
+    shell:
+        "mop partition --kg {params.kg} --k {wildcards.k} --shuffle {params.shuffle}"
+        " --options {params.options:q} --out {params.out} 2> {log:q}"
