@@ -67,7 +67,9 @@ def bucketed_batches(
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def sequential_batches(n: int, batch_size: int, lengths: np.ndarray | None = None) -> list[np.ndarray]:
+def sequential_batches(
+    n: int, batch_size: int, lengths: np.ndarray | None = None
+) -> list[np.ndarray]:
     """Evaluation batches: every example once, sorted by length when lengths are given."""
     order = np.argsort(lengths, kind="stable") if lengths is not None else np.arange(n)
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]

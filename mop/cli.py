@@ -43,19 +43,29 @@ def cmd_kg(args: argparse.Namespace) -> None:
 
     kg, meta = build_kg(args.options, f"kgs.{args.name}")
     stats = write_kg(kg, args.out, meta)
-    _log(f"kg {args.name}: {stats['entities']} entities, {stats['relations']} relations, "
-         f"{stats['triples']} triples -> {args.out}")
+    _log(
+        f"kg {args.name}: {stats['entities']} entities, {stats['relations']} relations, "
+        f"{stats['triples']} triples -> {args.out}"
+    )
 
 
 def cmd_partition(args: argparse.Namespace) -> None:
     from mop.partition import run_partition
 
     o = args.options
-    stats = run_partition(args.kg, args.out, args.k, seed=o.get("seed", 1),
-                          ufactor=o.get("ufactor", 30), weighted=o.get("weighted", False),
-                          shuffle=args.shuffle)
-    _log(f"partition K={args.k} shuffle={args.shuffle}: {stats['triples_retained']} of "
-         f"{stats['triples']} triples kept ({stats['triples_retained_share']:.1%}) -> {args.out}")
+    stats = run_partition(
+        args.kg,
+        args.out,
+        args.k,
+        seed=o.get("seed", 1),
+        ufactor=o.get("ufactor", 30),
+        weighted=o.get("weighted", False),
+        shuffle=args.shuffle,
+    )
+    _log(
+        f"partition K={args.k} shuffle={args.shuffle}: {stats['triples_retained']} of "
+        f"{stats['triples']} triples kept ({stats['triples_retained_share']:.1%}) -> {args.out}"
+    )
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
@@ -63,8 +73,9 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     from mop.pretrain import tokenize_kg
 
     spec = resolve_model(args.model, args.models)
-    n = tokenize_kg(args.kg, spec, args.out, max_length=args.max_length,
-                    bidirectional=args.bidirectional)
+    n = tokenize_kg(
+        args.kg, spec, args.out, max_length=args.max_length, bidirectional=args.bidirectional
+    )
     _log(f"tokenized {n} examples for {args.model} -> {args.out}")
 
 
@@ -72,8 +83,14 @@ def _tracker(args: argparse.Namespace, out: str, params: dict) -> Any:
     from mop.tracking import Tracker
 
     tags = {k: v for k, v in (args.tags or {}).items()}
-    return Tracker(out, experiment=args.experiment, run_name=args.run_name or Path(out).name,
-                   tags=tags, params=params, results_dir=args.results)
+    return Tracker(
+        out,
+        experiment=args.experiment,
+        run_name=args.run_name or Path(out).name,
+        tags=tags,
+        params=params,
+        results_dir=args.results,
+    )
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -83,21 +100,40 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     o = dict(args.options)
     for key in ("max_length", "bidirectional"):
         o.pop(key, None)
-    cfg = PretrainConfig(**o, threads=args.threads,
-                         **({"max_steps": args.max_steps} if args.max_steps else {}))
+    cfg = PretrainConfig(
+        **o, threads=args.threads, **({"max_steps": args.max_steps} if args.max_steps else {})
+    )
     spec = resolve_model(args.model, args.models)
-    data = load_partition_data(args.tokens, args.partition, args.kg, args.part,
-                               heldout_share=cfg.heldout_share, seed=cfg.seed)
-    _log(f"pretrain partition {args.part}: {len(data.seqs)} examples, "
-         f"{data.num_entities} entities, model {args.model}")
-    tracker = _tracker(args, args.out, {"pretrain": o, "model": spec.identifier(),
-                                        "tokens": args.tokens, "partition": args.partition,
-                                        "part": args.part})
+    data = load_partition_data(
+        args.tokens,
+        args.partition,
+        args.kg,
+        args.part,
+        heldout_share=cfg.heldout_share,
+        seed=cfg.seed,
+    )
+    _log(
+        f"pretrain partition {args.part}: {len(data.seqs)} examples, "
+        f"{data.num_entities} entities, model {args.model}"
+    )
+    tracker = _tracker(
+        args,
+        args.out,
+        {
+            "pretrain": o,
+            "model": spec.identifier(),
+            "tokens": args.tokens,
+            "partition": args.partition,
+            "part": args.part,
+        },
+    )
     m = pretrain_partition(spec, data, cfg, args.out, tracker)
     tracker.finish()
     p = m["probe"]["train"]
-    _log(f"pretrain partition {args.part} done: hits@10 {p['hits_at_10']:.3f}, "
-         f"{m['examples_per_s']:.0f} examples/s -> {args.out}")
+    _log(
+        f"pretrain partition {args.part} done: hits@10 {p['hits_at_10']:.3f}, "
+        f"{m['examples_per_s']:.0f} examples/s -> {args.out}"
+    )
 
 
 def cmd_task(args: argparse.Namespace) -> None:
@@ -121,24 +157,46 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from mop.tasks import get_task
 
     o = args.options
-    mixture = MixtureConfig(kind=args.mixture or "softmax", tau=o.get("gumbel_tau", 1.0),
-                            top_k=o.get("moe_top_k", 2), balance=o.get("moe_balance", 0.0),
-                            fusion_reg=o.get("fusion_reg", True))
+    mixture = MixtureConfig(
+        kind=args.mixture or "softmax",
+        tau=o.get("gumbel_tau", 1.0),
+        top_k=o.get("moe_top_k", 2),
+        balance=o.get("moe_balance", 0.0),
+        fusion_reg=o.get("fusion_reg", True),
+    )
     fields = set(FinetuneConfig.__dataclass_fields__) - {"seed", "threads", "mixture"}
-    cfg = FinetuneConfig(**{k: v for k, v in o.items() if k in fields}, seed=args.seed,
-                         threads=args.threads, mixture=mixture)
+    cfg = FinetuneConfig(
+        **{k: v for k, v in o.items() if k in fields},
+        seed=args.seed,
+        threads=args.threads,
+        mixture=mixture,
+    )
     spec = resolve_model(args.model, args.models)
     adapters = [Path(a) for a in args.adapters or []]
-    _log(f"finetune {args.task} {args.method} seed {args.seed} model {args.model}"
-         f"{f' with {len(adapters)} adapters' if adapters else ''}")
-    tracker = _tracker(args, args.out, {"finetune": o, "model": spec.identifier(),
-                                        "task_dir": args.task_dir, "adapters": [str(a) for a in adapters],
-                                        "seed": args.seed, "mixture": vars(mixture)})
-    m = finetune(spec, get_task(args.task), args.task_dir, args.method, adapters, cfg, args.out,
-                 tracker)
+    _log(
+        f"finetune {args.task} {args.method} seed {args.seed} model {args.model}"
+        f"{f' with {len(adapters)} adapters' if adapters else ''}"
+    )
+    tracker = _tracker(
+        args,
+        args.out,
+        {
+            "finetune": o,
+            "model": spec.identifier(),
+            "task_dir": args.task_dir,
+            "adapters": [str(a) for a in adapters],
+            "seed": args.seed,
+            "mixture": vars(mixture),
+        },
+    )
+    m = finetune(
+        spec, get_task(args.task), args.task_dir, args.method, adapters, cfg, args.out, tracker
+    )
     tracker.finish()
-    _log(f"finetune done: dev {m['dev_' + m['main_metric']]:.4f} "
-         f"test {m['test_' + m['main_metric']]:.4f} -> {args.out}")
+    _log(
+        f"finetune done: dev {m['dev_' + m['main_metric']]:.4f} "
+        f"test {m['test_' + m['main_metric']]:.4f} -> {args.out}"
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -166,8 +224,16 @@ def cmd_ui(args: argparse.Namespace) -> None:
     from mop.tracking import default_tracking_uri
 
     uri = default_tracking_uri(args.results)
-    cmd = ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(args.port)]
+    cmd = [
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+    ]
     print(" ".join(cmd), flush=True)
     os.execvp(cmd[0], cmd)
 

@@ -37,8 +37,9 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     try:
         validate(config, str(SCHEMA), set_default=True)
     except WorkflowError as exc:
-        cause = next((a for a in exc.args if isinstance(a, jsonschema.ValidationError)), None)
-        if cause is None:
+        # Snakemake raises inside `except ValidationError`, so the cause is the context.
+        cause = exc.__context__
+        if not isinstance(cause, jsonschema.ValidationError):
             raise MopError(f"config: {exc}") from exc
         best = jsonschema.exceptions.best_match([cause, *cause.context]) if cause.context else cause
         raise MopError(f"config key {_key_path(best)}: {best.message}") from exc
@@ -91,7 +92,9 @@ def preflight(config: dict[str, Any]) -> None:
     probe = config["tasks"].get("probe")
     if "probe" in ft["tasks"]:
         if probe is None:
-            raise MopError("config key tasks.probe: finetune.tasks lists probe but it has no settings")
+            raise MopError(
+                "config key tasks.probe: finetune.tasks lists probe but it has no settings"
+            )
         if probe["kg"] not in config["kgs"]:
             raise MopError(f"config key tasks.probe.kg: unknown KG {probe['kg']!r}")
         ks.add(probe["k"])
@@ -100,5 +103,6 @@ def preflight(config: dict[str, Any]) -> None:
         n = kg_entity_count(name, kg_cfg, results)
         if n is not None and max(ks) > n:
             raise MopError(
-                f"config key partition.k: K = {max(ks)} is larger than the {n} entities of KG {name!r}"
+                f"config key partition.k: K = {max(ks)} is larger than the {n} entities "
+                f"of KG {name!r}"
             )

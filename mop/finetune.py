@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import adapters
 import numpy as np
 import polars as pl
 import torch
@@ -30,7 +31,6 @@ from safetensors.torch import save_model
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-import adapters
 from mop.batching import Sequences, bucketed_batches, sequential_batches
 from mop.errors import MopError
 from mop.fusion import MixtureConfig, add_mixture, mixture_aux_loss
@@ -78,7 +78,9 @@ def encode_split(frame: pl.DataFrame, tokenizer: Any, max_length: int) -> Encode
     else:
         enc = tokenizer(a, [x or "" for x in b], truncation="longest_first", max_length=max_length)
     seqs = Sequences.from_series(pl.Series(enc["input_ids"], dtype=pl.List(pl.Int32)))
-    return EncodedSplit(frame["id"].to_list(), seqs, frame["label"].to_numpy().astype(np.int64), frame)
+    return EncodedSplit(
+        frame["id"].to_list(), seqs, frame["label"].to_numpy().astype(np.int64), frame
+    )
 
 
 class Classifier(torch.nn.Module):
@@ -93,8 +95,9 @@ class Classifier(torch.nn.Module):
         self.dropout = torch.nn.Dropout(dropout)
         self.head = torch.nn.Linear(encoder.config.hidden_size, num_labels)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                output_mixture: bool = False) -> tuple[torch.Tensor, Any]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_mixture: bool = False
+    ) -> tuple[torch.Tensor, Any]:
         kwargs = {"output_adapter_fusion_attentions": True} if output_mixture else {}
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         h = out.last_hidden_state
@@ -108,7 +111,11 @@ class Classifier(torch.nn.Module):
 
 
 def build_classifier(
-    spec: ModelSpec, task: TaskSpec, method: str, adapter_dirs: list[Path], cfg: FinetuneConfig,
+    spec: ModelSpec,
+    task: TaskSpec,
+    method: str,
+    adapter_dirs: list[Path],
+    cfg: FinetuneConfig,
 ) -> tuple[Classifier, str | None]:
     """The model for a method; returns it and the fusion's name (None without fusion)."""
     encoder = load_base_model(spec)
@@ -137,8 +144,12 @@ def build_classifier(
 
 def _param_groups(model: Classifier, cfg: FinetuneConfig) -> list[dict]:
     """Four learning rates (base, adapters, fusion, head), no decay on bias / LayerNorm."""
-    lrs = {"base": cfg.lr, "adapters": cfg.lr_adapters or cfg.lr,
-           "fusion": cfg.lr_fusion or cfg.lr, "head": cfg.lr_head or cfg.lr}
+    lrs = {
+        "base": cfg.lr,
+        "adapters": cfg.lr_adapters or cfg.lr,
+        "fusion": cfg.lr_fusion or cfg.lr,
+        "head": cfg.lr_head or cfg.lr,
+    }
     groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -153,14 +164,25 @@ def _param_groups(model: Classifier, cfg: FinetuneConfig) -> list[dict]:
             part = "base"
         decay = not (name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name)
         groups.setdefault((part, decay), []).append(p)
-    return [{"params": ps, "lr": lrs[part], "weight_decay": cfg.weight_decay if decay else 0.0,
-             "name": f"{part}{'' if decay else '_no_decay'}"}
-            for (part, decay), ps in sorted(groups.items())]
+    return [
+        {
+            "params": ps,
+            "lr": lrs[part],
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "name": f"{part}{'' if decay else '_no_decay'}",
+        }
+        for (part, decay), ps in sorted(groups.items())
+    ]
 
 
 @torch.no_grad()
-def predict(model: Classifier, split: EncodedSplit, pad_id: int, batch_size: int,
-            fusion_name: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def predict(
+    model: Classifier,
+    split: EncodedSplit,
+    pad_id: int,
+    batch_size: int,
+    fusion_name: str | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Class probabilities per example (and final-layer [CLS] mixture weights with fusion)."""
     model.eval()
     probs = np.zeros((len(split.seqs), model.head.out_features), dtype=np.float32)
@@ -180,15 +202,19 @@ def predict(model: Classifier, split: EncodedSplit, pad_id: int, batch_size: int
 
 def evaluate(task: TaskSpec, split: EncodedSplit, probs: np.ndarray) -> tuple[dict, pl.DataFrame]:
     frame = pl.DataFrame({"id": split.ids, "label": split.labels, "pred": probs.argmax(1)})
-    frame = frame.with_columns(
-        pl.Series("prob", probs.tolist(), dtype=pl.List(pl.Float32))
-    )
+    frame = frame.with_columns(pl.Series("prob", probs.tolist(), dtype=pl.List(pl.Float32)))
     return task.metric(frame), frame
 
 
 def finetune(
-    spec: ModelSpec, task: TaskSpec, task_dir: str | Path, method: str, adapter_dirs: list[Path],
-    cfg: FinetuneConfig, out_dir: str | Path, tracker: Tracker | None = None,
+    spec: ModelSpec,
+    task: TaskSpec,
+    task_dir: str | Path,
+    method: str,
+    adapter_dirs: list[Path],
+    cfg: FinetuneConfig,
+    out_dir: str | Path,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
     """Train on train, select on dev, report test; write every output of the run."""
     out = Path(out_dir)
@@ -203,8 +229,10 @@ def finetune(
         data[s] = encode_split(pl.read_parquet(path), tokenizer, cfg.max_length)
         bad = (data[s].labels < 0) | (data[s].labels >= task.num_labels)
         if bad.any():
-            raise MopError(f"{path}: row {int(np.argmax(bad))} has label "
-                           f"{int(data[s].labels[bad][0])} outside 0..{task.num_labels - 1}")
+            raise MopError(
+                f"{path}: row {int(np.argmax(bad))} has label "
+                f"{int(data[s].labels[bad][0])} outside 0..{task.num_labels - 1}"
+            )
     model, fusion_name = build_classifier(spec, task, method, adapter_dirs, cfg)
     train = data["train"]
     steps_per_epoch = math.ceil(len(train.seqs) / cfg.batch_size)
@@ -244,15 +272,25 @@ def finetune(
         dev_probs, _ = predict(model, data["dev"], tokenizer.pad_token_id, cfg.batch_size * 4)
         dev_metrics, _ = evaluate(task, data["dev"], dev_probs)
         score = dev_metrics[task.main_metric]
-        entry = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)),
-                 **{f"dev_{k}": v for k, v in dev_metrics.items()}}
+        entry = {
+            "epoch": epoch,
+            "step": step,
+            "train_loss": float(np.mean(losses)),
+            **{f"dev_{k}": v for k, v in dev_metrics.items()},
+        }
         history.append(entry)
         if tracker:
-            tracker.log_metrics({k: v for k, v in entry.items() if k != "epoch"} |
-                                {"examples_per_s": seen / max(seconds, 1e-9)}, epoch)
+            tracker.log_metrics(
+                {k: v for k, v in entry.items() if k != "epoch"}
+                | {"examples_per_s": seen / max(seconds, 1e-9)},
+                epoch,
+            )
         if score > best["score"]:
-            best = {"score": score, "epoch": epoch,
-                    "state": copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})}
+            best = {
+                "score": score,
+                "epoch": epoch,
+                "state": copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()}),
+            }
             stale = 0
         else:
             stale += 1
@@ -263,8 +301,13 @@ def finetune(
     frames = []
     mixture = None
     for s in SPLITS:
-        probs, mix = predict(model, data[s], tokenizer.pad_token_id, cfg.batch_size * 4,
-                             fusion_name if s == "test" else None)
+        probs, mix = predict(
+            model,
+            data[s],
+            tokenizer.pad_token_id,
+            cfg.batch_size * 4,
+            fusion_name if s == "test" else None,
+        )
         metrics, frame = evaluate(task, data[s], probs)
         results[s] = metrics
         frames.append(frame.with_columns(split=pl.lit(s)))
@@ -274,11 +317,17 @@ def finetune(
                 text=data[s].frame["text_a"],
             )
     metrics = {
-        "task": task.name, "method": method, "main_metric": task.main_metric,
-        "best_epoch": best["epoch"], "epochs_run": len(history), "steps": step,
-        "examples_per_s": seen / max(seconds, 1e-9), "train_seconds": seconds,
+        "task": task.name,
+        "method": method,
+        "main_metric": task.main_metric,
+        "best_epoch": best["epoch"],
+        "epochs_run": len(history),
+        "steps": step,
+        "examples_per_s": seen / max(seconds, 1e-9),
+        "train_seconds": seconds,
         **{f"{s}_{k}": v for s, m in results.items() for k, v in m.items()},
-        "history": history, "config": asdict(cfg),
+        "history": history,
+        "config": asdict(cfg),
     }
     write_parquet(pl.concat(frames), out / "predictions.parquet")
     if mixture is not None:
@@ -288,7 +337,8 @@ def finetune(
             save_model(model, str(tmp))
     write_json(metrics, out / "metrics.json")
     if tracker:
-        tracker.log_metrics({f"{s}_{k}": v for s, m in results.items() for k, v in m.items()},
-                            len(history))
+        tracker.log_metrics(
+            {f"{s}_{k}": v for s, m in results.items() for k, v in m.items()}, len(history)
+        )
         tracker.log_artifact(out / "metrics.json")
     return metrics

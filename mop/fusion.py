@@ -76,8 +76,9 @@ class MixtureFusion(BertFusion):
             probs = torch.softmax(masked, dim=-1)
             if self.training and m.balance > 0:
                 importance = probs.flatten(0, -2).sum(0)
-                self.aux_loss = m.balance * importance.var(unbiased=False) / (
-                    importance.mean() ** 2 + 1e-10)
+                self.aux_loss = (
+                    m.balance * importance.var(unbiased=False) / (importance.mean() ** 2 + 1e-10)
+                )
             return probs
         return torch.softmax(scores / self.T, dim=-1)
 
@@ -129,7 +130,11 @@ def add_mixture(model: nn.Module, adapter_names: list[str], mixture: MixtureConf
 
 def mixture_aux_loss(model: nn.Module) -> torch.Tensor | None:
     """Sum of the MoE load-balancing losses of the last forward pass, if any."""
-    losses = [m.aux_loss for m in model.modules() if isinstance(m, MixtureFusion) and m.aux_loss is not None]
+    losses = [
+        m.aux_loss
+        for m in model.modules()
+        if isinstance(m, MixtureFusion) and m.aux_loss is not None
+    ]
     for m in model.modules():
         if isinstance(m, MixtureFusion):
             m.aux_loss = None

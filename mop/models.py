@@ -56,8 +56,10 @@ def resolve_model(alias: str, models: dict[str, Any]) -> ModelSpec:
             raise MopError(
                 f"config key models.{alias}.package: cannot import {entry['package']!r} ({exc})"
             ) from exc
-        location = str(module.get_model_path()) if hasattr(module, "get_model_path") else str(
-            Path(module.__file__).parent / "model"
+        location = (
+            str(module.get_model_path())
+            if hasattr(module, "get_model_path")
+            else str(Path(module.__file__).parent / "model")
         )
         return ModelSpec(alias, location, trust_remote_code=trust)
     if "path" in entry:
@@ -67,7 +69,10 @@ def resolve_model(alias: str, models: dict[str, Any]) -> ModelSpec:
         return ModelSpec(alias, str(path), trust_remote_code=trust)
     if "hub" in entry:
         spec = ModelSpec(
-            alias, entry["hub"], local_only=not entry.get("download", False), trust_remote_code=trust
+            alias,
+            entry["hub"],
+            local_only=not entry.get("download", False),
+            trust_remote_code=trust,
         )
         if spec.local_only:
             try:
@@ -82,8 +87,10 @@ def resolve_model(alias: str, models: dict[str, Any]) -> ModelSpec:
     if "random" in entry:
         tok_alias = entry.get("tokenizer")
         if tok_alias is None or tok_alias == alias:
-            raise MopError(f"config key models.{alias}.tokenizer: a random model needs another "
-                           "alias whose vocabulary it uses")
+            raise MopError(
+                f"config key models.{alias}.tokenizer: a random model needs another "
+                "alias whose vocabulary it uses"
+            )
         tok = resolve_model(tok_alias, models)
         return ModelSpec(alias, tok.location, random=dict(entry["random"]), tokenizer=tok)
     raise MopError(f"config key models.{alias}: give one of package, path, hub or random")
@@ -92,7 +99,8 @@ def resolve_model(alias: str, models: dict[str, Any]) -> ModelSpec:
 def load_tokenizer(spec: ModelSpec) -> Any:
     source = spec.tokenizer or spec
     return AutoTokenizer.from_pretrained(
-        source.location, local_files_only=source.local_only,
+        source.location,
+        local_files_only=source.local_only,
         trust_remote_code=source.trust_remote_code,
     )
 

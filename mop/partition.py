@@ -34,11 +34,8 @@ def entity_graph(triples: pl.DataFrame, num_entities: int, weighted: bool = Fals
     h, t = h[keep], t[keep]
     rows = np.concatenate([h, t])
     cols = np.concatenate([t, h])
-    if weighted:
-        # Each triple counts once per pair, whatever its direction.
-        vals = np.ones(rows.size, dtype=np.int32)
-    else:
-        vals = np.ones(rows.size, dtype=np.bool_)
+    # int32 values add up duplicate pairs (edge weights); bool values collapse them.
+    vals = np.ones(rows.size, dtype=np.int32 if weighted else np.bool_)
     adj = sp.csr_array((vals, (rows, cols)), shape=(num_entities, num_entities))
     adj.sum_duplicates()
     return adj
@@ -152,7 +149,9 @@ def partition_graph(
     }
     return Partition(
         member_df,
-        kept.select("partition", "head", "relation", "tail").sort(["partition", "head", "relation", "tail"]),
+        kept.select("partition", "head", "relation", "tail").sort(
+            ["partition", "head", "relation", "tail"]
+        ),
         stats,
     )
 
@@ -177,7 +176,12 @@ def run_partition(
     """The partition stage: read a KG folder, write membership, triples and stats."""
     kg = read_kg(kg_dir)
     part = partition_graph(
-        kg.triples, kg.num_entities, k, seed=seed, ufactor=ufactor, weighted=weighted,
+        kg.triples,
+        kg.num_entities,
+        k,
+        seed=seed,
+        ufactor=ufactor,
+        weighted=weighted,
         shuffle=shuffle,
     )
     write_partition(part, out_dir)

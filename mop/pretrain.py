@@ -15,12 +15,16 @@ and, on CPU with the same seed, ends with the same adapter as an uninterrupted r
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import adapters
 import numpy as np
 import polars as pl
 import torch
@@ -29,7 +33,6 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-import adapters
 from mop.batching import Sequences, bucketed_batches, sequential_batches
 from mop.errors import MopError
 from mop.io import atomic_dir, atomic_path, write_json
@@ -48,7 +51,11 @@ def _name_ids(tokenizer: Any, names: list[str]) -> list[list[int]]:
 
 
 def tokenize_kg(
-    kg_dir: str | Path, spec: ModelSpec, out_path: str | Path, *, max_length: int = 64,
+    kg_dir: str | Path,
+    spec: ModelSpec,
+    out_path: str | Path,
+    *,
+    max_length: int = 64,
     bidirectional: bool = False,
 ) -> int:
     """Write the entity-prediction examples of every triple of a KG; return their number.
@@ -61,10 +68,14 @@ def tokenize_kg(
     tok = load_tokenizer(spec)
     ent_ids = _name_ids(tok, kg.entities["name"].to_list())
     rel_ids = [ids[:MAX_RELATION_TOKENS] for ids in _name_ids(tok, kg.relations["name"].to_list())]
-    ents = pl.DataFrame({"entity": kg.entities["id"], "e_ids": ent_ids},
-                        schema={"entity": pl.Int32, "e_ids": pl.List(pl.Int32)})
-    rels = pl.DataFrame({"relation": kg.relations["id"], "r_ids": rel_ids},
-                        schema={"relation": pl.Int32, "r_ids": pl.List(pl.Int32)})
+    ents = pl.DataFrame(
+        {"entity": kg.entities["id"], "e_ids": ent_ids},
+        schema={"entity": pl.Int32, "e_ids": pl.List(pl.Int32)},
+    )
+    rels = pl.DataFrame(
+        {"relation": kg.relations["id"], "r_ids": rel_ids},
+        schema={"relation": pl.Int32, "r_ids": pl.List(pl.Int32)},
+    )
     cls, sep = tok.cls_token_id, tok.sep_token_id
     frames = []
     directions = [(0, "head", "tail")] + ([(1, "tail", "head")] if bidirectional else [])
@@ -82,8 +93,10 @@ def tokenize_kg(
         first, second = ("e_ids", "r_ids") if direction == 0 else ("r_ids", "e_ids")
         df = df.with_columns(
             input_ids=pl.concat_list(
-                pl.lit([cls], dtype=pl.List(pl.Int32)), first,
-                pl.lit([sep], dtype=pl.List(pl.Int32)), second,
+                pl.lit([cls], dtype=pl.List(pl.Int32)),
+                first,
+                pl.lit([sep], dtype=pl.List(pl.Int32)),
+                second,
                 pl.lit([sep], dtype=pl.List(pl.Int32)),
             )
         )
@@ -113,8 +126,13 @@ class PartitionData:
 
 
 def load_partition_data(
-    tokens_path: str | Path, partition_dir: str | Path, kg_dir: str | Path, part: int,
-    *, heldout_share: float = 0.0, seed: int = 0,
+    tokens_path: str | Path,
+    partition_dir: str | Path,
+    kg_dir: str | Path,
+    part: int,
+    *,
+    heldout_share: float = 0.0,
+    seed: int = 0,
 ) -> PartitionData:
     """Select partition `part`'s examples from the shared tokens table."""
     members = pl.read_parquet(Path(partition_dir) / "membership.parquet").filter(
@@ -127,16 +145,26 @@ def load_partition_data(
         pl.scan_parquet(tokens_path)
         .filter(pl.col("head").is_in(ids) & pl.col("tail").is_in(ids))
         .collect()
-        .join(members.select(pl.col("entity").alias("target"), pl.col("local").alias("label")),
-              on="target")
+        .join(
+            members.select(pl.col("entity").alias("target"), pl.col("local").alias("label")),
+            on="target",
+        )
         .sort(["direction", "head", "relation", "tail"])
     )
     if df.height == 0:
         raise MopError(f"{partition_dir}: partition {part} has no triples to train on")
-    query = df.select(
-        pl.struct("direction", pl.when(pl.col("direction") == 0).then("head").otherwise("tail"),
-                  "relation").rank("dense") - 1
-    ).to_series().to_numpy()
+    query = (
+        df.select(
+            pl.struct(
+                "direction",
+                pl.when(pl.col("direction") == 0).then("head").otherwise("tail"),
+                "relation",
+            ).rank("dense")
+            - 1
+        )
+        .to_series()
+        .to_numpy()
+    )
     names = read_kg(kg_dir).entities.select(pl.col("id").alias("entity"), "name")
     entities = members.select("entity", "local").join(names, on="entity").sort("local")
     heldout = np.zeros(df.height, dtype=bool)
@@ -144,8 +172,11 @@ def load_partition_data(
         rng = np.random.default_rng(seed)
         heldout[rng.random(df.height) < heldout_share] = True
     return PartitionData(
-        Sequences.from_series(df["input_ids"]), df["label"].to_numpy().astype(np.int64),
-        query.astype(np.int64), entities, heldout,
+        Sequences.from_series(df["input_ids"]),
+        df["label"].to_numpy().astype(np.int64),
+        query.astype(np.int64),
+        entities,
+        heldout,
     )
 
 
@@ -168,7 +199,9 @@ class EntityPredictor(torch.nn.Module):
         return self.head(self.cls(input_ids, attention_mask))
 
 
-def build_adapter_model(spec: ModelSpec, adapter_name: str, reduction_factor: int) -> torch.nn.Module:
+def build_adapter_model(
+    spec: ModelSpec, adapter_name: str, reduction_factor: int
+) -> torch.nn.Module:
     """The frozen base model with one fresh Pfeiffer (SeqBn) adapter, active and trainable."""
     encoder = load_base_model(spec)
     adapters.init(encoder)
@@ -179,7 +212,9 @@ def build_adapter_model(spec: ModelSpec, adapter_name: str, reduction_factor: in
 
 
 @torch.no_grad()
-def name_vectors(model: EntityPredictor, tokenizer: Any, names: list[str], batch_size: int = 256) -> torch.Tensor:
+def name_vectors(
+    model: EntityPredictor, tokenizer: Any, names: list[str], batch_size: int = 256
+) -> torch.Tensor:
     """Centred, unit-length [CLS] vectors of entity names (our head initialisation)."""
     enc = tokenizer(names, truncation=True, max_length=32)
     seqs = Sequences.from_series(pl.Series(enc["input_ids"], dtype=pl.List(pl.Int32)))
@@ -210,8 +245,12 @@ def filtered_ranks(
 
 @torch.no_grad()
 def knowledge_probe(
-    model: EntityPredictor, data: PartitionData, rows: np.ndarray, pad_id: int,
-    batch_size: int = 256, device: torch.device | None = None,
+    model: EntityPredictor,
+    data: PartitionData,
+    rows: np.ndarray,
+    pad_id: int,
+    batch_size: int = 256,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
     """hits@1, hits@10 and MRR of entity prediction on the given example rows (filtered)."""
     if rows.size == 0:
@@ -267,10 +306,15 @@ def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
-         else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        (
+            no_decay
+            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
+            else decay
+        ).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -278,8 +322,13 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if n in names}
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, position: dict[str, Any]) -> None:
+def save_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    position: dict[str, Any],
+) -> None:
     with atomic_dir(path) as tmp:
         save_file(trainable_state(model), tmp / "trainable.safetensors")
         torch.save(
@@ -293,21 +342,48 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         )
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any) -> dict[str, Any] | None:
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    fingerprint: str,
+) -> dict[str, Any] | None:
+    """Restore a checkpoint written for the same run (same fingerprint), else None."""
     if not (path / "train_state.pt").is_file():
         return None
-    model.load_state_dict(load_file(path / "trainable.safetensors"), strict=False)
     state = torch.load(path / "train_state.pt", weights_only=True)
+    if state["position"].get("fingerprint") != fingerprint:
+        print(f"mop pretrain: ignoring {path}: written for other data or settings", flush=True)
+        return None
+    model.load_state_dict(load_file(path / "trainable.safetensors"), strict=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     return state["position"]
 
 
+def run_fingerprint(spec: ModelSpec, data: PartitionData, cfg: PretrainConfig) -> str:
+    """What a checkpoint must match to be resumed: settings that change the result, data."""
+    settings = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k not in ("threads", "log_every", "checkpoint_every", "eval_batch_size")
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    digest.update(spec.identifier().encode())
+    for array in (data.labels, data.seqs.values, data.seqs.offsets, data.heldout):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def pretrain_partition(
-    spec: ModelSpec, data: PartitionData, cfg: PretrainConfig, out_dir: str | Path,
-    tracker: Tracker | None = None, adapter_name: str = "knowledge",
+    spec: ModelSpec,
+    data: PartitionData,
+    cfg: PretrainConfig,
+    out_dir: str | Path,
+    tracker: Tracker | None = None,
+    adapter_name: str = "knowledge",
 ) -> dict[str, Any]:
     """Train one partition's adapter and head; write them, a model card and metrics."""
     out = Path(out_dir)
@@ -318,10 +394,13 @@ def pretrain_partition(
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(spec)
-    model = EntityPredictor(build_adapter_model(spec, adapter_name, cfg.reduction_factor),
-                            data.num_entities)
+    model = EntityPredictor(
+        build_adapter_model(spec, adapter_name, cfg.reduction_factor), data.num_entities
+    )
     if cfg.head_init == "names":
-        model.head.weight.data.copy_(name_vectors(model, tokenizer, data.entities["name"].to_list()))
+        model.head.weight.data.copy_(
+            name_vectors(model, tokenizer, data.entities["name"].to_list())
+        )
         model.head.bias.data.zero_()
     model.to(device)
     step_fn = torch.compile(model) if cfg.compile else model
@@ -332,13 +411,22 @@ def pretrain_partition(
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  fused=device.type == "cuda")
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup * total_steps), total_steps)
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=device.type == "cuda"
+    )
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(cfg.warmup * total_steps), total_steps
+    )
 
     ckpt = out / "checkpoint"
-    position = load_checkpoint(ckpt, model, optimizer, scheduler) or {
-        "step": 0, "epoch": 0, "batch": 0, "history": [], "examples": 0, "seconds": 0.0,
+    fingerprint = run_fingerprint(spec, data, cfg)
+    position = load_checkpoint(ckpt, model, optimizer, scheduler, fingerprint) or {
+        "step": 0,
+        "epoch": 0,
+        "batch": 0,
+        "history": [],
+        "examples": 0,
+        "seconds": 0.0,
     }
     if position["step"]:
         print(f"mop pretrain: resuming from step {position['step']} ({ckpt})", flush=True)
@@ -372,12 +460,25 @@ def pretrain_partition(
                 lr = scheduler.get_last_lr()[0]
                 history.append([step, loss.item(), lr, seen / max(seconds, 1e-9)])
                 if tracker:
-                    tracker.log_metrics({"loss": history[-1][1], "lr": lr,
-                                         "examples_per_s": seen / max(seconds, 1e-9)}, step)
+                    tracker.log_metrics(
+                        {
+                            "loss": history[-1][1],
+                            "lr": lr,
+                            "examples_per_s": seen / max(seconds, 1e-9),
+                        },
+                        step,
+                    )
             done_epoch = b + 1 == len(batches)
             if step % cfg.checkpoint_every == 0 or done_epoch or step == total_steps:
-                pos = {"step": step, "epoch": epoch + done_epoch, "batch": 0 if done_epoch else b + 1,
-                       "history": history, "examples": seen, "seconds": seconds}
+                pos = {
+                    "step": step,
+                    "epoch": epoch + done_epoch,
+                    "batch": 0 if done_epoch else b + 1,
+                    "history": history,
+                    "examples": seen,
+                    "seconds": seconds,
+                    "fingerprint": fingerprint,
+                }
                 save_checkpoint(ckpt, model, optimizer, scheduler, pos)
             if step >= total_steps:
                 break
@@ -388,11 +489,20 @@ def pretrain_partition(
         break
     bar.close()
 
-    probe = {"train": knowledge_probe(model, data, train_rows, tokenizer.pad_token_id,
-                                      cfg.eval_batch_size, device)}
+    probe = {
+        "train": knowledge_probe(
+            model, data, train_rows, tokenizer.pad_token_id, cfg.eval_batch_size, device
+        )
+    }
     if data.heldout.any():
-        probe["heldout"] = knowledge_probe(model, data, np.flatnonzero(data.heldout),
-                                           tokenizer.pad_token_id, cfg.eval_batch_size, device)
+        probe["heldout"] = knowledge_probe(
+            model,
+            data,
+            np.flatnonzero(data.heldout),
+            tokenizer.pad_token_id,
+            cfg.eval_batch_size,
+            device,
+        )
     metrics = {
         "steps": step,
         "examples_seen": seen,
@@ -402,10 +512,12 @@ def pretrain_partition(
         "entities": data.num_entities,
         "train_examples": int(train_rows.size),
         "probe": probe,
-        "loss_curve": [{"step": s, "loss": lo, "lr": lr, "examples_per_s": eps}
-                       for s, lo, lr, eps in history],
+        "loss_curve": [
+            {"step": s, "loss": lo, "lr": lr, "examples_per_s": eps} for s, lo, lr, eps in history
+        ],
     }
     save_outputs(model, out, adapter_name, metrics, cfg, spec)
+    shutil.rmtree(ckpt, ignore_errors=True)
     if tracker:
         flat = {f"{split}_{k}": v for split, m in probe.items() for k, v in m.items()}
         tracker.log_metrics(flat | {"train_seconds": seconds}, step)
@@ -414,29 +526,50 @@ def pretrain_partition(
     return metrics
 
 
-def save_outputs(model: EntityPredictor, out: Path, adapter_name: str, metrics: dict,
-                 cfg: PretrainConfig, spec: ModelSpec) -> None:
+def save_outputs(
+    model: EntityPredictor,
+    out: Path,
+    adapter_name: str,
+    metrics: dict,
+    cfg: PretrainConfig,
+    spec: ModelSpec,
+) -> None:
     """The adapter in the `adapters` format, the head (safetensors), metrics and a card."""
     model.cpu()
     with atomic_dir(out / "adapter") as tmp:
         model.encoder.save_adapter(str(tmp), adapter_name, use_safetensors=True)
     with atomic_path(out / "head.safetensors") as tmp:
-        save_file({"weight": model.head.weight.detach().contiguous(),
-                   "bias": model.head.bias.detach().contiguous()}, tmp)
+        save_file(
+            {
+                "weight": model.head.weight.detach().contiguous(),
+                "bias": model.head.bias.detach().contiguous(),
+            },
+            tmp,
+        )
     write_json(metrics, out / "metrics.json")
-    write_json({"model": spec.alias, "model_source": spec.identifier(),
-                "adapter_name": adapter_name, "config": asdict(cfg),
-                "entities": metrics["entities"], "train_examples": metrics["train_examples"],
-                "probe": metrics["probe"]}, out / "card.json")
+    write_json(
+        {
+            "model": spec.alias,
+            "model_source": spec.identifier(),
+            "adapter_name": adapter_name,
+            "config": asdict(cfg),
+            "entities": metrics["entities"],
+            "train_examples": metrics["train_examples"],
+            "probe": metrics["probe"],
+        },
+        out / "card.json",
+    )
 
 
-def load_entity_predictor(spec: ModelSpec, adapter_dir: str | Path,
-                          head_path: str | Path, adapter_name: str = "knowledge") -> EntityPredictor:
+def load_entity_predictor(
+    spec: ModelSpec, adapter_dir: str | Path, head_path: str | Path, adapter_name: str = "knowledge"
+) -> EntityPredictor:
     """Rebuild a trained entity predictor from its saved adapter and head."""
     encoder = load_base_model(spec)
     adapters.init(encoder)
-    encoder.load_adapter(str(adapter_dir), load_as=adapter_name, set_active=True,
-                         use_safetensors=True)
+    encoder.load_adapter(
+        str(adapter_dir), load_as=adapter_name, set_active=True, use_safetensors=True
+    )
     head = load_file(str(head_path))
     model = EntityPredictor(encoder, head["weight"].shape[0])
     model.head.load_state_dict(head)

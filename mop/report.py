@@ -15,8 +15,19 @@ from scipy import stats
 
 from mop.io import atomic_path, read_json
 
-RUN_COLUMNS = ["task", "model", "method", "mixture", "kg", "k", "scheme", "seed",
-               "metric", "dev", "test"]
+RUN_COLUMNS = [
+    "task",
+    "model",
+    "method",
+    "mixture",
+    "kg",
+    "k",
+    "scheme",
+    "seed",
+    "metric",
+    "dev",
+    "test",
+]
 
 
 def collect_runs(results: str | Path) -> pl.DataFrame:
@@ -29,16 +40,34 @@ def collect_runs(results: str | Path) -> pl.DataFrame:
         tags = read_json(run_file)["tags"]
         m = read_json(metrics_file)
         main = m["main_metric"]
-        rows.append({
-            "task": tags["task"], "model": tags["model"], "method": tags["method"],
-            "mixture": tags.get("mixture", ""), "kg": tags.get("kg", ""),
-            "k": int(tags["k"]) if tags.get("k") else None, "scheme": tags.get("scheme", ""),
-            "seed": int(tags["seed"]), "metric": main,
-            "dev": m[f"dev_{main}"], "test": m[f"test_{main}"],
-        })
-    schema = {"task": pl.String, "model": pl.String, "method": pl.String, "mixture": pl.String,
-              "kg": pl.String, "k": pl.Int64, "scheme": pl.String, "seed": pl.Int64,
-              "metric": pl.String, "dev": pl.Float64, "test": pl.Float64}
+        rows.append(
+            {
+                "task": tags["task"],
+                "model": tags["model"],
+                "method": tags["method"],
+                "mixture": tags.get("mixture", ""),
+                "kg": tags.get("kg", ""),
+                "k": int(tags["k"]) if tags.get("k") else None,
+                "scheme": tags.get("scheme", ""),
+                "seed": int(tags["seed"]),
+                "metric": main,
+                "dev": m[f"dev_{main}"],
+                "test": m[f"test_{main}"],
+            }
+        )
+    schema = {
+        "task": pl.String,
+        "model": pl.String,
+        "method": pl.String,
+        "mixture": pl.String,
+        "kg": pl.String,
+        "k": pl.Int64,
+        "scheme": pl.String,
+        "seed": pl.Int64,
+        "metric": pl.String,
+        "dev": pl.Float64,
+        "test": pl.Float64,
+    }
     return pl.DataFrame(rows, schema=schema)
 
 
@@ -52,20 +81,33 @@ def row_label(model: str, method: str, kg: str, mixture: str, mixtures: int) -> 
 def summarise(runs: pl.DataFrame) -> pl.DataFrame:
     """Mean, std (sample, ddof=1) and n of the test metric per (model, setup, task), with
     the two-sided Welch t-test p-value against the same model's base runs."""
-    groups = runs.group_by(["task", "model", "method", "mixture", "kg", "k", "scheme"],
-                           maintain_order=True).agg(pl.col("test"), pl.col("seed"))
+    groups = runs.group_by(
+        ["task", "model", "method", "mixture", "kg", "k", "scheme"], maintain_order=True
+    ).agg(pl.col("test"), pl.col("seed"))
     rows = []
     for g in groups.iter_rows(named=True):
         values = np.asarray(g["test"], dtype=float) * 100
-        base = runs.filter((pl.col("task") == g["task"]) & (pl.col("model") == g["model"])
-                           & (pl.col("method") == "base"))["test"].to_numpy() * 100
+        base = (
+            runs.filter(
+                (pl.col("task") == g["task"])
+                & (pl.col("model") == g["model"])
+                & (pl.col("method") == "base")
+            )["test"].to_numpy()
+            * 100
+        )
         p = None
         if g["method"] != "base" and len(values) > 1 and len(base) > 1:
             p = float(stats.ttest_ind(values, base, equal_var=False).pvalue)
-        rows.append({**{k: g[k] for k in ("task", "model", "method", "mixture", "kg", "k", "scheme")},
-                     "n": len(values), "mean": float(values.mean()),
-                     "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                     "base_mean": float(base.mean()) if len(base) else None, "p_value": p})
+        rows.append(
+            {
+                **{k: g[k] for k in ("task", "model", "method", "mixture", "kg", "k", "scheme")},
+                "n": len(values),
+                "mean": float(values.mean()),
+                "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                "base_mean": float(base.mean()) if len(base) else None,
+                "p_value": p,
+            }
+        )
     return pl.DataFrame(rows)
 
 
@@ -80,15 +122,20 @@ def main_table(summary: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
     mixtures = summary.filter(pl.col("method") == "mop")["mixture"].n_unique()
     order = summary.select("model", "method", "kg", "mixture").unique(maintain_order=True)
     order = order.with_columns(is_base=pl.col("method") != "base").sort(
-        ["model", "is_base", "kg", "mixture"])
+        ["model", "is_base", "kg", "mixture"]
+    )
     header = ["Model", *tasks]
     body = []
     for r in order.iter_rows(named=True):
         cells = [row_label(r["model"], r["method"], r["kg"], r["mixture"], mixtures)]
         for task in tasks:
-            hit = summary.filter((pl.col("task") == task) & (pl.col("model") == r["model"])
-                                 & (pl.col("method") == r["method"]) & (pl.col("kg") == r["kg"])
-                                 & (pl.col("mixture") == r["mixture"]))
+            hit = summary.filter(
+                (pl.col("task") == task)
+                & (pl.col("model") == r["model"])
+                & (pl.col("method") == r["method"])
+                & (pl.col("kg") == r["kg"])
+                & (pl.col("mixture") == r["mixture"])
+            )
             if hit.height == 0:
                 cells.append("-")
             else:
@@ -111,8 +158,10 @@ def write_main_table(results: str | Path, out_dir: str | Path) -> Path:
     summary = summarise(runs) if runs.height else pl.DataFrame()
     with atomic_path(out / "main.csv") as tmp:
         summary.write_csv(tmp)
-    note = ("Test metric x 100, mean ± std over seeds (n = number of seeds). ↑: mean above the "
-            "base model's; †: two-sided Welch t-test against the base model's runs, p < 0.05.\n")
+    note = (
+        "Test metric x 100, mean ± std over seeds (n = number of seeds). ↑: mean above the "
+        "base model's; †: two-sided Welch t-test against the base model's runs, p < 0.05.\n"
+    )
     header, body = main_table(summary) if runs.height else (["Model"], [])
     with atomic_path(out / "main.md") as tmp:
         tmp.write_text("# Results\n\n" + to_markdown(header, body) + "\n" + note)

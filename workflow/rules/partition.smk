@@ -10,6 +10,8 @@ rule partition:
         shuffle=lambda w: shuffle_rate(w.scheme),
         kg=lambda w: f"{R}/kg/{w.kg}",
         out=lambda w: f"{R}/partition/{w.kg}/k{w.k}-{w.scheme}",
+    conda:
+        "../envs/mop.yaml"
     log:
         f"{R}/logs/partition/{{kg}}/k{{k}}-{{scheme}}.log",
     resources:

@@ -8,6 +8,8 @@ rule tokenize:
         kg=lambda w: f"{R}/kg/{w.kg}",
         max_length=config["pretrain"]["max_length"],
         bidirectional="--bidirectional" if config["pretrain"]["bidirectional"] else "",
+    conda:
+        "../envs/mop.yaml"
     log:
         f"{R}/logs/tokenize/{{kg}}/{{model}}.log",
     shell:
@@ -38,6 +40,8 @@ rule pretrain:
         mem_mb=lambda w: res("pretrain", "mem_mb"),
         runtime=lambda w: res("pretrain", "runtime"),
         gpus=lambda w: res("pretrain", "gpus"),
+    conda:
+        "../envs/mop.yaml"
     log:
         f"{R}/logs/pretrain/{{kg}}/k{{k}}-{{scheme}}/{{model}}/p{{part}}.log",
     shell:

@@ -6,6 +6,8 @@ rule report:
         csv=f"{R}/tables/main.csv",
     params:
         out=f"{R}/tables",
+    conda:
+        "../envs/mop.yaml"
     log:
         f"{R}/logs/report.log",
     shell:

