@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,43 @@ def tiny_adapters(
         )
         dirs.append(root / f"p{part}" / "adapter")
     return dirs
+
+
+def snakemake(workdir: Path, *args: str, cores: int = 2) -> subprocess.CompletedProcess:
+    """Run the workflow in `workdir` (which holds config/config.yaml) with this venv's tools."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(REPO / "workflow" / "Snakefile"),
+            "-d",
+            str(workdir),
+            "--cores",
+            str(cores),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+
+
+def tiny_workdir(root: Path) -> Path:
+    """A working folder holding the tiny test config as config/config.yaml."""
+    (root / "config").mkdir(parents=True)
+    shutil.copy(REPO / ".test" / "config" / "config.yaml", root / "config" / "config.yaml")
+    return root
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """The whole DAG of the tiny config, run locally once per test session."""
+    work = tiny_workdir(tmp_path_factory.mktemp("workflow"))
+    result = snakemake(work)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return work

@@ -1,11 +1,5 @@
 """The whole Snakemake DAG on the tiny test config, in a temporary folder."""
 
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import polars as pl
 import pytest
@@ -14,42 +8,9 @@ from mlflow.tracking import MlflowClient
 from mop.io import read_json
 from mop.models import resolve_model
 from mop.pretrain import knowledge_probe, load_entity_predictor, load_partition_data
-from tests.conftest import REPO
+from tests.conftest import REPO, snakemake
 
 pytestmark = pytest.mark.slow
-
-
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(REPO / "workflow" / "Snakefile"),
-            "-d",
-            str(workdir),
-            "--cores",
-            "2",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("workflow")
-    (work / "config").mkdir()
-    shutil.copy(REPO / ".test" / "config" / "config.yaml", work / "config" / "config.yaml")
-    result = snakemake(work)
-    assert result.returncode == 0, result.stderr[-5000:]
-    return work
 
 
 def test_partitions_add_up(finished_run):

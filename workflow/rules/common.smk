@@ -38,6 +38,9 @@ def models_json():
 RESOURCE_DEFAULTS = {"threads": 1, "mem_mb": 4000, "runtime": 120, "gpus": 0}
 
 
+SLURM_KEYS = ("slurm_partition", "slurm_account", "slurm_extra")
+
+
 def res(stage, key):
     """A resource of a stage: resources.<stage>, then resources.default, then built-ins."""
     sections = config["resources"]
@@ -45,6 +48,14 @@ def res(stage, key):
         if key in section:
             return section[key]
     return None
+
+
+def stage_resources(stage):
+    """Resources of a stage's jobs; `gpu` and the slurm_* keys are the SLURM plugin's names."""
+    out = {"mem_mb": res(stage, "mem_mb"), "runtime": res(stage, "runtime"),
+           "gpu": res(stage, "gpus")}
+    out.update({k: res(stage, k) for k in SLURM_KEYS if res(stage, k) is not None})
+    return out
 
 
 def shuffle_rate(scheme):

@@ -39,9 +39,7 @@ rule finetune_base:
         experiment=config["experiment"],
     threads: res("finetune", "threads")
     resources:
-        mem_mb=lambda w: res("finetune", "mem_mb"),
-        runtime=lambda w: res("finetune", "runtime"),
-        gpus=lambda w: res("finetune", "gpus"),
+        **stage_resources("finetune"),
     conda:
         "../envs/mop.yaml"
     log:
@@ -75,9 +73,7 @@ rule finetune_mop:
         experiment=config["experiment"],
     threads: res("finetune", "threads")
     resources:
-        mem_mb=lambda w: res("finetune", "mem_mb"),
-        runtime=lambda w: res("finetune", "runtime"),
-        gpus=lambda w: res("finetune", "gpus"),
+        **stage_resources("finetune"),
     conda:
         "../envs/mop.yaml"
     log:

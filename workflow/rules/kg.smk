@@ -12,7 +12,6 @@ rule kg:
     log:
         f"{R}/logs/kg/{{kg}}.log",
     resources:
-        mem_mb=lambda w: res("kg", "mem_mb"),
-        runtime=lambda w: res("kg", "runtime"),
+        **stage_resources("kg"),
     shell:
         "mop kg --name {wildcards.kg} --options {params.options:q} --out {params.out} 2> {log:q}"
