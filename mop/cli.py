@@ -152,18 +152,18 @@ def cmd_task(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from mop.finetune import FinetuneConfig, finetune
-    from mop.fusion import MixtureConfig
+    from mop.fusion import MixtureConfig, parse_mixture
     from mop.models import resolve_model
     from mop.tasks import get_task
 
     o = args.options
-    mixture = MixtureConfig(
-        kind=args.mixture or "softmax",
+    defaults = MixtureConfig(
         tau=o.get("gumbel_tau", 1.0),
         top_k=o.get("moe_top_k", 2),
         balance=o.get("moe_balance", 0.0),
         fusion_reg=o.get("fusion_reg", True),
     )
+    mixture = parse_mixture(args.mixture or "softmax", defaults)
     fields = set(FinetuneConfig.__dataclass_fields__) - {"seed", "threads", "mixture"}
     cfg = FinetuneConfig(
         **{k: v for k, v in o.items() if k in fields},
@@ -200,16 +200,51 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from mop.report import write_main_table
-    from mop.tracking import default_tracking_uri, sync_all
+    from mop import report
 
-    table = write_main_table(args.results, args.out)
-    _log(f"report: {table}")
+    runs = report.load_runs(args.runs) if args.runs else None
+    what = args.what
+    if what == "table1":
+        paths = report.table_main(runs).write(args.out, "main")
+    elif what == "table2":
+        paths = report.table_kgs(args.stats).write(args.out, "table2_kgs")
+    elif what == "table4":
+        paths = report.table_k(runs, args.stats).write(args.out, "table4_partitions")
+    elif what == "table6":
+        paths = report.table_mixtures(runs).write(args.out, "table6_mixtures")
+    elif what == "figure2":
+        single = report.load_runs(args.single_runs) if args.single_runs else None
+        paths = report.figure_adapters(args.adapters, args.out, single)
+    elif what == "figure3":
+        paths = report.figure_shuffle(runs, args.out)
+    elif what == "figure4":
+        paths = report.figure_mixture(args.mixture, args.out)
+    else:
+        raise MopError(f"unknown report {what!r}")
+    _log(f"report {what}: {', '.join(str(p) for p in paths)}")
+
+
+def cmd_publish(args: argparse.Namespace) -> None:
+    """Sync every run record to MLflow and log the tables and figures as a report run."""
+    from mop.tracking import Tracker, default_tracking_uri, sync_all
+
+    tracker = Tracker(
+        Path(args.results) / "report",
+        experiment=args.experiment,
+        run_name="report",
+        tags={"stage": "report"},
+        params={},
+        results_dir=args.results,
+    )
+    for path in args.artifacts:
+        tracker.log_artifact(path)
+    tracker.finish()
+    uri = default_tracking_uri(args.results)
     try:
-        counts = sync_all(args.results, default_tracking_uri(args.results))
-        _log(f"MLflow runs: {counts}")
-    except Exception as exc:  # the table is written; tracking can catch up later
-        _log(f"MLflow not reachable ({exc}); run `mop track sync` later")
+        counts = sync_all(args.results, uri)
+        _log(f"MLflow ({uri}): {counts}")
+    except Exception as exc:  # the tables are written; tracking can catch up later
+        _log(f"MLflow not reachable at {uri} ({exc}); run `mop track sync` later")
 
 
 def cmd_track(args: argparse.Namespace) -> None:
@@ -315,10 +350,23 @@ def build_parser() -> argparse.ArgumentParser:
     _tracking_args(p)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("report", help="tables from every finished run")
-    p.add_argument("--results", default="results")
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("report", help="a table or figure of the paper from finished runs")
+    p.add_argument(
+        "what", choices=["table1", "table2", "table4", "table6", "figure2", "figure3", "figure4"]
+    )
+    p.add_argument("--runs", nargs="*", help="metrics.json files of fine-tuning runs")
+    p.add_argument("--stats", nargs="*", help="stats.json files of KGs or partitions")
+    p.add_argument("--adapters", nargs="*", help="metrics.json files of adapters")
+    p.add_argument("--single-runs", nargs="*", help="metrics.json of single-adapter runs")
+    p.add_argument("--mixture", help="mixture.parquet of a MoP run")
+    p.add_argument("--out", required=True, help="folder (tables) or path stem (figures)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("publish", help="sync runs to MLflow and log tables and figures")
+    p.add_argument("--results", default="results")
+    p.add_argument("--experiment", default="mop")
+    p.add_argument("--artifacts", nargs="*", default=[])
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("track", help="log run records that MLflow does not hold yet")
     p.add_argument("action", choices=["sync"])
@@ -335,11 +383,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    label = " ".join(x for x in (args.command, getattr(args, "what", None)) if x)
+    start = time.perf_counter()
+    _log(f"start {label}")
     try:
         args.func(args)
     except MopError as exc:
         print(f"mop: error: {exc}", file=sys.stderr)
         return 1
+    _log(f"done {label} in {time.perf_counter() - start:.1f} s")
     return 0
 
 

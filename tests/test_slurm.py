@@ -63,7 +63,7 @@ def test_workflow_through_sbatch_equals_a_local_run(cluster, finished_run, tmp_p
         )
     }
     assert len(list((logs / "rule_pretrain").rglob("*.log"))) == 2
-    assert len(list((logs / "rule_finetune_mop").rglob("*.log"))) == 2
+    assert len(list((logs / "rule_finetune_mop").rglob("*.log"))) == 4
     local, slurm = _outputs(finished_run), _outputs(work)
     assert local.keys() == slurm.keys() and len(local) > 0
     for key, value in local.items():

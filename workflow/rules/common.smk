@@ -1,5 +1,7 @@
 # Config validation (before any job starts) and the small wildcard -> path helpers.
 import json
+import os
+import time
 from pathlib import Path
 
 from mop.config import preflight, validate_config
@@ -12,6 +14,11 @@ try:
 except MopError as exc:
     raise WorkflowError(f"mop: {exc}") from None
 
+# One id per workflow invocation: MLflow groups the jobs' runs under a parent run.
+# Jobs (local or SLURM, which exports the environment) inherit it.
+if workflow.is_main_process:
+    os.environ.setdefault("MOP_INVOCATION", time.strftime("%Y%m%d-%H%M%S"))
+
 R = config["results"]
 FT = config["finetune"]
 
@@ -23,7 +30,7 @@ wildcard_constraints:
     scheme=r"metis|shuffle[0-9.]+",
     part=r"\d+",
     seed=r"\d+",
-    mixture=r"softmax|gumbel|moe",
+    mixture=r"softmax|gumbel(-t[0-9]*\.?[0-9]+)?|moe(-k[0-9]+)?",
     task=r"probe",
 
 
@@ -72,22 +79,67 @@ def tags(**kw):
     return as_json(kw)
 
 
+def mop_kgs():
+    return FT.get("kgs") or list(config["kgs"])
+
+
+def base_metrics():
+    """metrics.json of every base-model run."""
+    if "base" not in FT["methods"]:
+        return []
+    return [
+        f"{R}/finetune/{task}/{model}/base/seed{seed}/metrics.json"
+        for task in FT["tasks"]
+        for model in config["base_models"]
+        for seed in FT["seeds"]
+    ]
+
+
+def mop_metrics(ks=None, schemes=("metis",), mixtures=None):
+    """metrics.json of MoP runs for the given K values, partition schemes and mixtures."""
+    if "mop" not in FT["methods"]:
+        return []
+    return [
+        f"{R}/finetune/{task}/{model}/mop-{mixture}/{kg}/k{k}-{scheme}/seed{seed}/metrics.json"
+        for task in FT["tasks"]
+        for model in config["base_models"]
+        for kg in mop_kgs()
+        for k in (ks or [FT["k"]])
+        for scheme in schemes
+        for mixture in (mixtures or FT["mixtures"])
+        for seed in FT["seeds"]
+    ]
+
+
 def finetune_outputs():
-    out = []
-    for task in FT["tasks"]:
-        for model in config["base_models"]:
-            for seed in FT["seeds"]:
-                if "base" in FT["methods"]:
-                    out.append(f"{R}/finetune/{task}/{model}/base/seed{seed}/metrics.json")
-                if "mop" in FT["methods"]:
-                    for kg in FT.get("kgs") or list(config["kgs"]):
-                        for mixture in FT["mixtures"]:
-                            out.append(
-                                f"{R}/finetune/{task}/{model}/mop-{mixture}/{kg}/"
-                                f"k{FT['k']}-metis/seed{seed}/metrics.json"
-                            )
+    return base_metrics() + mop_metrics()
+
+
+def adapter_metrics(k=None):
+    return [
+        f"{R}/adapters/{kg}/k{k or FT['k']}-metis/{model}/p{i}/metrics.json"
+        for kg in mop_kgs()
+        for model in config["base_models"]
+        for i in range(int(k or FT["k"]))
+    ]
+
+
+def first_mixture_file():
+    """The mixture weights of the first MoP setup's first seed (Figure 4)."""
+    task, model, kg = FT["tasks"][0], config["base_models"][0], mop_kgs()[0]
+    return (f"{R}/finetune/{task}/{model}/mop-{FT['mixtures'][0]}/{kg}/k{FT['k']}-metis/"
+            f"seed{FT['seeds'][0]}/mixture.parquet")
+
+
+def report_outputs():
+    """Tables and figures the config has data for."""
+    out = [f"{R}/tables/main.md", f"{R}/tables/table2_kgs.md"]
+    if "mop" in FT["methods"]:
+        out += [f"{R}/figures/figure2_adapters.png", f"{R}/figures/figure4_mixture.png"]
+        if len(FT["mixtures"]) > 1:
+            out.append(f"{R}/tables/table6_mixtures.md")
     return out
 
 
 def final_outputs():
-    return [f"{R}/tables/main.md", *finetune_outputs()]
+    return [*report_outputs(), f"{R}/report/run.json", *finetune_outputs()]
