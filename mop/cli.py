@@ -127,7 +127,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
             "part": args.part,
         },
     )
-    m = pretrain_partition(spec, data, cfg, args.out, tracker)
+    source = {"kg": args.kg, "partition_dir": args.partition, "partition": args.part}
+    m = pretrain_partition(spec, data, cfg, args.out, tracker, source=source)
     tracker.finish()
     p = m["probe"]["train"]
     _log(

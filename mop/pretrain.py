@@ -363,6 +363,26 @@ def load_checkpoint(
     return state["position"]
 
 
+def train_step(
+    step_fn: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, autocast: Any,
+    max_grad_norm: float | None = None,
+) -> torch.Tensor:
+    """One optimisation step of the entity-prediction loss (cross-entropy over the
+    partition's entities); returns the loss."""
+    device = next(model.parameters()).device
+    with autocast:
+        logits = step_fn(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
+    loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def run_fingerprint(spec: ModelSpec, data: PartitionData, cfg: PretrainConfig) -> str:
     """What a checkpoint must match to be resumed: settings that change the result, data."""
     settings = {
@@ -384,6 +404,7 @@ def pretrain_partition(
     out_dir: str | Path,
     tracker: Tracker | None = None,
     adapter_name: str = "knowledge",
+    source: dict | None = None,
 ) -> dict[str, Any]:
     """Train one partition's adapter and head; write them, a model card and metrics."""
     out = Path(out_dir)
@@ -443,15 +464,8 @@ def pretrain_partition(
             rows = train_rows[batches[b]]
             ids, mask = data.seqs.pad(rows, tokenizer.pad_token_id)
             labels = torch.from_numpy(data.labels[rows])
-            with autocast:
-                logits = step_fn(ids.to(device), mask.to(device))
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
-            loss.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(step_fn, model, optimizer, scheduler, ids, mask, labels,
+                              autocast, cfg.max_grad_norm)
             step += 1
             seen += rows.size
             seconds += time.perf_counter() - tick
@@ -516,7 +530,7 @@ def pretrain_partition(
             {"step": s, "loss": lo, "lr": lr, "examples_per_s": eps} for s, lo, lr, eps in history
         ],
     }
-    save_outputs(model, out, adapter_name, metrics, cfg, spec)
+    save_outputs(model, out, adapter_name, metrics, cfg, spec, fingerprint, source)
     shutil.rmtree(ckpt, ignore_errors=True)
     if tracker:
         flat = {f"{split}_{k}": v for split, m in probe.items() for k, v in m.items()}
@@ -533,8 +547,11 @@ def save_outputs(
     metrics: dict,
     cfg: PretrainConfig,
     spec: ModelSpec,
+    data_hash: str,
+    source: dict | None = None,
 ) -> None:
-    """The adapter in the `adapters` format, the head (safetensors), metrics and a card."""
+    """The adapter in the `adapters` format, the head (safetensors), metrics and a card
+    (`source` says which KG and partition the adapter was trained on)."""
     model.cpu()
     with atomic_dir(out / "adapter") as tmp:
         model.encoder.save_adapter(str(tmp), adapter_name, use_safetensors=True)
@@ -549,8 +566,10 @@ def save_outputs(
     write_json(metrics, out / "metrics.json")
     write_json(
         {
+            **(source or {}),
             "model": spec.alias,
             "model_source": spec.identifier(),
+            "data_hash": data_hash,
             "adapter_name": adapter_name,
             "config": asdict(cfg),
             "entities": metrics["entities"],
