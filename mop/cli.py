@@ -392,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     except MopError as exc:
         print(f"mop: error: {exc}", file=sys.stderr)
         return 1
+    except FileNotFoundError as exc:
+        print(f"mop: error: {exc.filename or exc}: file not found", file=sys.stderr)
+        return 1
     _log(f"done {label} in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -35,8 +35,8 @@ from transformers import get_linear_schedule_with_warmup
 
 from mop.batching import Sequences, bucketed_batches, sequential_batches
 from mop.errors import MopError
-from mop.io import atomic_dir, atomic_path, write_json
-from mop.kg import read_kg
+from mop.io import atomic_dir, atomic_path, require_file, write_json
+from mop.kg import read_kg, read_table
 from mop.models import ModelSpec, load_base_model, load_tokenizer
 from mop.tracking import Tracker
 
@@ -135,9 +135,10 @@ def load_partition_data(
     seed: int = 0,
 ) -> PartitionData:
     """Select partition `part`'s examples from the shared tokens table."""
-    members = pl.read_parquet(Path(partition_dir) / "membership.parquet").filter(
+    members = read_table(Path(partition_dir) / "membership.parquet").filter(
         pl.col("partition") == part
     )
+    require_file(tokens_path, "tokens table")
     if members.height == 0:
         raise MopError(f"{partition_dir}: partition {part} does not exist or is empty")
     ids = members["entity"].implode()
@@ -352,11 +353,18 @@ def load_checkpoint(
     """Restore a checkpoint written for the same run (same fingerprint), else None."""
     if not (path / "train_state.pt").is_file():
         return None
-    state = torch.load(path / "train_state.pt", weights_only=True)
+    try:
+        state = torch.load(path / "train_state.pt", weights_only=True)
+        trainable = load_file(path / "trainable.safetensors")
+    except Exception as exc:  # any unreadable checkpoint: say which, never guess
+        raise MopError(
+            f"{path}: checkpoint is unreadable ({type(exc).__name__}); delete this folder to "
+            "restart the partition's training from scratch"
+        ) from exc
     if state["position"].get("fingerprint") != fingerprint:
         print(f"mop pretrain: ignoring {path}: written for other data or settings", flush=True)
         return None
-    model.load_state_dict(load_file(path / "trainable.safetensors"), strict=False)
+    model.load_state_dict(trainable, strict=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])

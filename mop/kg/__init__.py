@@ -118,12 +118,28 @@ def write_kg(kg: KnowledgeGraph, out_dir: str | Path, meta: dict | None = None) 
     return stats
 
 
+def read_table(path: str | Path, columns: dict[str, pl.DataType] | None = None) -> pl.DataFrame:
+    """Read one of our Parquet tables; a missing or unreadable file, or a missing column,
+    is a MopError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MopError(f"{path}: file not found")
+    try:
+        frame = pl.read_parquet(path)
+    except (pl.exceptions.ComputeError, OSError) as exc:
+        raise MopError(f"{path}: not a readable Parquet file ({exc})") from exc
+    missing = [c for c in (columns or {}) if c not in frame.columns]
+    if missing:
+        raise MopError(f"{path}: missing column(s) {', '.join(missing)}")
+    return frame
+
+
 def read_kg(kg_dir: str | Path) -> KnowledgeGraph:
     d = Path(kg_dir)
     return KnowledgeGraph(
-        pl.read_parquet(d / "entities.parquet"),
-        pl.read_parquet(d / "relations.parquet"),
-        pl.read_parquet(d / "triples.parquet"),
+        read_table(d / "entities.parquet", ENTITY_SCHEMA),
+        read_table(d / "relations.parquet", RELATION_SCHEMA),
+        read_table(d / "triples.parquet", TRIPLE_SCHEMA),
     )
 
 
