@@ -104,6 +104,8 @@ def test_tracking_server_down_loses_nothing_and_logs_each_run_once(tmp_path, mlf
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("mop-offline")
     runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.data.tags["stage"] for r in runs) == ["finetune", "workflow"]
+    runs = [r for r in runs if r.data.tags["stage"] == "finetune"]
     assert [r.info.run_name for r in runs] == ["finetune probe tiny base seed0"]
     assert (
         runs[0].data.metrics["test_accuracy"]
