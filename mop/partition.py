@@ -25,6 +25,8 @@ from mop.errors import MopError
 from mop.io import write_json, write_parquet
 from mop.kg import read_kg
 
+MEMBERSHIP_SCHEMA = {"entity": pl.Int32, "partition": pl.Int32, "local": pl.Int32}
+
 
 def entity_graph(triples: pl.DataFrame, num_entities: int, weighted: bool = False) -> sp.csr_array:
     """Symmetric CSR adjacency of the entity graph; values count triples per entity pair."""

@@ -38,6 +38,7 @@ from mop.errors import MopError
 from mop.io import atomic_dir, atomic_path, require_file, write_json
 from mop.kg import read_kg, read_table
 from mop.models import ModelSpec, load_base_model, load_tokenizer
+from mop.partition import MEMBERSHIP_SCHEMA
 from mop.tracking import Tracker
 
 MAX_RELATION_TOKENS = 16
@@ -135,23 +136,25 @@ def load_partition_data(
     seed: int = 0,
 ) -> PartitionData:
     """Select partition `part`'s examples from the shared tokens table."""
-    members = read_table(Path(partition_dir) / "membership.parquet").filter(
+    members = read_table(Path(partition_dir) / "membership.parquet", MEMBERSHIP_SCHEMA).filter(
         pl.col("partition") == part
     )
     require_file(tokens_path, "tokens table")
     if members.height == 0:
         raise MopError(f"{partition_dir}: partition {part} does not exist or is empty")
     ids = members["entity"].implode()
-    df = (
-        pl.scan_parquet(tokens_path)
-        .filter(pl.col("head").is_in(ids) & pl.col("tail").is_in(ids))
-        .collect()
-        .join(
-            members.select(pl.col("entity").alias("target"), pl.col("local").alias("label")),
-            on="target",
+    try:
+        df = (
+            pl.scan_parquet(tokens_path)
+            .filter(pl.col("head").is_in(ids) & pl.col("tail").is_in(ids))
+            .collect()
         )
-        .sort(["direction", "head", "relation", "tail"])
-    )
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise MopError(f"{tokens_path}: not a readable tokens table ({exc})") from exc
+    df = df.join(
+        members.select(pl.col("entity").alias("target"), pl.col("local").alias("label")),
+        on="target",
+    ).sort(["direction", "head", "relation", "tail"])
     if df.height == 0:
         raise MopError(f"{partition_dir}: partition {part} has no triples to train on")
     query = (
@@ -372,8 +375,14 @@ def load_checkpoint(
 
 
 def train_step(
-    step_fn: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-    ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, autocast: Any,
+    step_fn: Any,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    autocast: Any,
     max_grad_norm: float | None = None,
 ) -> torch.Tensor:
     """One optimisation step of the entity-prediction loss (cross-entropy over the
@@ -472,8 +481,9 @@ def pretrain_partition(
             rows = train_rows[batches[b]]
             ids, mask = data.seqs.pad(rows, tokenizer.pad_token_id)
             labels = torch.from_numpy(data.labels[rows])
-            loss = train_step(step_fn, model, optimizer, scheduler, ids, mask, labels,
-                              autocast, cfg.max_grad_norm)
+            loss = train_step(
+                step_fn, model, optimizer, scheduler, ids, mask, labels, autocast, cfg.max_grad_norm
+            )
             step += 1
             seen += rows.size
             seconds += time.perf_counter() - tick
