@@ -106,7 +106,7 @@ def test_mlflow_holds_every_job_as_a_run(finished_run):
     exp = client.get_experiment_by_name("mop-test")
     runs = client.search_runs([exp.experiment_id])
     stages = sorted(run.data.tags["stage"] for run in runs)
-    assert stages == ["finetune"] * 4 + ["pretrain"] * 2
+    assert stages == ["finetune"] * 4 + ["kg"] + ["pretrain"] * 2
     ft = next(run for run in runs if run.data.tags.get("method") == "mop")
     assert ft.data.tags["kg"] == "hpo-tiny" and ft.data.tags["mixture"] == "softmax"
     assert "test_accuracy" in ft.data.metrics
