@@ -155,8 +155,9 @@ def from_coded(
     heads, tails = ids("head"), ids("tail")
     rels = (
         triples.select(pl.col("relation").cast(pl.String))
-        .join(relations.rename({"name": "relation"}), on="relation", how="left",
-              maintain_order="left")["id"]
+        .join(
+            relations.rename({"name": "relation"}), on="relation", how="left", maintain_order="left"
+        )["id"]
         .to_numpy()
         .astype(np.int64)
     )

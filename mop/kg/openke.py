@@ -85,10 +85,15 @@ def read_train(path: Path, n_entities: int, n_relations: int) -> np.ndarray:
         for i, line in enumerate(lines[1:], start=2):
             parts = line.split()
             if len(parts) != 3 or not all(p.lstrip("-").isdigit() for p in parts):
-                raise MopError(f"{path}:{i}: expected three integer ids 'head tail relation'")
+                raise MopError(
+                    f"{path}:{i}: expected three integer ids 'head tail relation'"
+                ) from None
         raise
-    for col, limit, what in ((0, n_entities, "head"), (1, n_entities, "tail"),
-                             (2, n_relations, "relation")):
+    for col, limit, what in (
+        (0, n_entities, "head"),
+        (1, n_entities, "tail"),
+        (2, n_relations, "relation"),
+    ):
         bad = (arr[:, col] < 0) | (arr[:, col] >= limit)
         if bad.any():
             i = int(np.argmax(bad))
@@ -108,8 +113,9 @@ def read_partition_file(path: Path, n_entities: int) -> np.ndarray:
             if not 0 <= idx < n_entities:
                 raise MopError(f"{path}:{part + 1}: entity id {idx} is outside 0..{n_entities - 1}")
             if membership[idx] >= 0:
-                raise MopError(f"{path}:{part + 1}: entity {idx} is already in partition "
-                               f"{membership[idx]}")
+                raise MopError(
+                    f"{path}:{part + 1}: entity {idx} is already in partition {membership[idx]}"
+                )
             membership[idx] = part
     return membership
 
@@ -202,8 +208,9 @@ def export_openke(
             members = pl.read_parquet(Path(part_dir) / "membership.parquet")
             k = int(members["partition"].max()) + 1
             groups = members.sort("entity").group_by("partition", maintain_order=True).agg("entity")
-            lines = dict(zip(groups["partition"].to_list(), groups["entity"].to_list(),
-                             strict=True))
+            lines = dict(
+                zip(groups["partition"].to_list(), groups["entity"].to_list(), strict=True)
+            )
             with (tmp / f"partition_{k}.txt").open("w") as fh:
                 fh.writelines("\t".join(map(str, lines.get(g, []))) + "\n" for g in range(k))
             written[f"partition_{k}"] = str(part_dir)

@@ -45,8 +45,7 @@ FILES = {
     ),
     "description": (
         "sct2_Description_Snapshot*.txt",
-        "id effectiveTime active moduleId conceptId languageCode typeId term "
-        "caseSignificanceId",
+        "id effectiveTime active moduleId conceptId languageCode typeId term caseSignificanceId",
     ),
     "relationship": (
         "sct2_Relationship_Snapshot*.txt",
@@ -195,8 +194,9 @@ def load_rf2(
                 f"{row['file']}:{row['line']}: concept {row[column]} has no preferred term "
                 f"in language refset {language_refset}"
             )
-    type_names = dict(names.filter(pl.col("conceptId").is_in(rels["typeId"].unique().implode()))
-                      .iter_rows())
+    type_names = dict(
+        names.filter(pl.col("conceptId").is_in(rels["typeId"].unique().implode())).iter_rows()
+    )
     rels = rels.with_columns(relation=pl.col("typeId").replace_strict(type_names))
     freq = rels.group_by("relation").len().sort(["len", "relation"], descending=[True, False])
     meta["relations_available"] = freq.height

@@ -21,12 +21,44 @@ import polars as pl
 from mop.io import atomic_path
 
 MRCONSO_FIELDS = (
-    "CUI LAT TS LUI STT SUI ISPREF AUI SAUI SCUI SDUI SAB TTY CODE STR SRL SUPPRESS CVF"
-).split()
+    "CUI",
+    "LAT",
+    "TS",
+    "LUI",
+    "STT",
+    "SUI",
+    "ISPREF",
+    "AUI",
+    "SAUI",
+    "SCUI",
+    "SDUI",
+    "SAB",
+    "TTY",
+    "CODE",
+    "STR",
+    "SRL",
+    "SUPPRESS",
+    "CVF",
+)
 MRREL_FIELDS = (
-    "CUI1 AUI1 STYPE1 REL CUI2 AUI2 STYPE2 RELA RUI SRUI SAB SL RG DIR SUPPRESS CVF"
-).split()
-MRDOC_FIELDS = "DOCKEY VALUE TYPE EXPL".split()
+    "CUI1",
+    "AUI1",
+    "STYPE1",
+    "REL",
+    "CUI2",
+    "AUI2",
+    "STYPE2",
+    "RELA",
+    "RUI",
+    "SRUI",
+    "SAB",
+    "SL",
+    "RG",
+    "DIR",
+    "SUPPRESS",
+    "CVF",
+)
+MRDOC_FIELDS = ("DOCKEY", "VALUE", "TYPE", "EXPL")
 
 SAB = "SNOMEDCT_US"
 
@@ -75,7 +107,7 @@ WORDS = (
     "artery vein nerve bone joint tissue membrane gland duct of the with without due to "
     "primary secondary congenital acquired partial complete bilateral unilateral open "
     "closed minor major deep superficial benign malignant"
-).split()
+)
 
 
 @dataclass(frozen=True)
@@ -103,8 +135,8 @@ def _write_rrf(df: pl.DataFrame, fields: list[str], fh) -> None:
 
 
 def _names(rng: np.random.Generator, n: int) -> pl.Series:
-    words = pl.Series(WORDS)
-    parts = [words.gather(rng.integers(0, len(WORDS), n)) for _ in range(3)]
+    words = pl.Series(WORDS.split())
+    parts = [words.gather(rng.integers(0, words.len(), n)) for _ in range(3)]
     numbers = pl.Series(rng.integers(1, 100, n)).cast(pl.String)
     return pl.DataFrame({"a": parts[0], "b": parts[1], "c": parts[2], "d": numbers}).select(
         pl.concat_str("a", "b", "c", "d", separator=" ")
@@ -281,7 +313,9 @@ def mrconso_frame(n_concepts: int, rng: np.random.Generator) -> tuple[pl.DataFra
         SUPPRESS="SUPPRESS",
         CVF=pl.when(pl.col("kind") == 1).then(pl.lit("256")).otherwise(pl.lit("")),
     )
-    pt_aui = atoms.filter(pl.col("kind") == 1).select("cui", AUI=_code("A", pl.col("aui") + 1000, 8))
+    pt_aui = atoms.filter(pl.col("kind") == 1).select(
+        "cui", AUI=_code("A", pl.col("aui") + 1000, 8)
+    )
     info = {
         "live": snomed[~retired],
         "retired": snomed[retired],
@@ -321,9 +355,7 @@ def _pick(rng: np.random.Generator, pool: np.ndarray, n: int) -> np.ndarray:
     return pool[(pool.size * rng.random(n) ** 2).astype(np.int64)]
 
 
-def mrrel_chunk(
-    n_rows: int, info: dict, rng: np.random.Generator, rui_start: int
-) -> pl.DataFrame:
+def mrrel_chunk(n_rows: int, info: dict, rng: np.random.Generator, rui_start: int) -> pl.DataFrame:
     """About `n_rows` MRREL rows: SNOMED relationships in both directions plus noise."""
     weights = np.array([r[4] for r in RELATIONS])
     n_pairs = int(n_rows * 0.94) // 2

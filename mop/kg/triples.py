@@ -115,6 +115,8 @@ def load_triples(
     wanted = {r: (columns or {}).get(r, r) for r in ROLES}
     df, _ = read_table(path, fmt=format, header=header)
     rows = _columns(df, path, wanted, header)
+    if rows.height == 0:
+        raise MopError(f"{path}: no triples")
     meta: dict[str, Any] = {"source": "triples", "path": str(path), "rows": rows.height}
     if relations:
         rel_names = _name_table(relations)

@@ -130,7 +130,15 @@ def concept_names(
         .with_row_index("line", offset=1)
         .filter(pl.col("SAB") == sab)
         .select(
-            "line", "CUI", "LAT", "TS", "STT", "ISPREF", "TTY", "STR", "SUPPRESS",
+            "line",
+            "CUI",
+            "LAT",
+            "TS",
+            "STT",
+            "ISPREF",
+            "TTY",
+            "STR",
+            "SUPPRESS",
             code=cui_code("CUI"),
         )
         .collect()
@@ -159,9 +167,7 @@ def concept_names(
     if empty.height:
         row = empty.row(0, named=True)
         raise MopError(f"{path}:{row['line']}: the name (STR) of concept {row['CUI']} is empty")
-    counts = {
-        f"names_{tty}": int((chosen["rank"] == i).sum()) for i, tty in enumerate(name_tty)
-    }
+    counts = {f"names_{tty}": int((chosen["rank"] == i).sum()) for i, tty in enumerate(name_tty)}
     if name_fallback:
         counts["names_fallback_preferred_atom"] = int((chosen["rank"] == len(name_tty)).sum())
     counts["concepts_without_usable_name"] = known.len() - chosen.height
@@ -173,10 +179,7 @@ def _first_line(path: Path, sab: str, code: int) -> int:
     hit = (
         scan_rrf(path, MRREL_FIELDS)
         .with_row_index("line", offset=1)
-        .filter(
-            (pl.col("SAB") == sab)
-            & ((cui_code("CUI1") == code) | (cui_code("CUI2") == code))
-        )
+        .filter((pl.col("SAB") == sab) & ((cui_code("CUI1") == code) | (cui_code("CUI2") == code)))
         .select("line")
         .head(1)
         .collect()
@@ -236,8 +239,9 @@ def select_relations(
     if top is None:
         return sorted(present), {}
     dropped = sorted(
-        r for r in present if (p := inverse.get(r, r)) != r and p in present
-        and keep_direction(r, p) != r
+        r
+        for r in present
+        if (p := inverse.get(r, r)) != r and p in present and keep_direction(r, p) != r
     )
     one_way = sorted((r for r in present if r not in dropped), key=lambda r: (-present[r], r))
     return sorted(one_way[:top]), {
@@ -283,9 +287,7 @@ def load_umls(
         include_suppressed=include_suppressed,
     )
     meta |= name_counts
-    rows = scan_rrf(mrrel, MRREL_FIELDS).filter(
-        (pl.col("SAB") == sab) & (pl.col("RELA") != "")
-    )
+    rows = scan_rrf(mrrel, MRREL_FIELDS).filter((pl.col("SAB") == sab) & (pl.col("RELA") != ""))
     if rel != "all":
         rows = rows.filter(pl.col("REL").is_in(list(rel)))
     if not include_suppressed:
