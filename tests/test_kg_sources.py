@@ -503,3 +503,20 @@ def test_config_schema_applies_per_source_keys_and_defaults():
         validate_config(base | {"kgs": {"x": {"source": "rf2"}}})
     kg, _ = build_kg(cfg["kgs"]["sfull"], "kgs.sfull")
     assert kg.triples.height == 16
+
+
+def test_every_kg_key_of_the_schema_is_documented():
+    import yaml
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    kgs = schema["properties"]["kgs"]["additionalProperties"]
+    doc = (REPO / "config" / "README.md").read_text()
+    section = doc[doc.index("## `kgs.<name>`") : doc.index("## `partition`")]
+    sources = kgs["properties"]["source"]["enum"]
+    for rule in kgs["allOf"]:
+        source = rule["if"]["properties"]["source"]["const"]
+        assert source in sources and f"### `source: {source}`" in section
+        part = section[section.index(f"### `source: {source}`") :]
+        part = part[: part.find("\n### ", 1) if "\n### " in part[1:] else None]
+        for key in rule["then"]["properties"]:
+            assert key == "source" or f"`{key}`" in part, (source, key)
