@@ -19,46 +19,7 @@ import numpy as np
 import polars as pl
 
 from mop.io import atomic_path
-
-MRCONSO_FIELDS = (
-    "CUI",
-    "LAT",
-    "TS",
-    "LUI",
-    "STT",
-    "SUI",
-    "ISPREF",
-    "AUI",
-    "SAUI",
-    "SCUI",
-    "SDUI",
-    "SAB",
-    "TTY",
-    "CODE",
-    "STR",
-    "SRL",
-    "SUPPRESS",
-    "CVF",
-)
-MRREL_FIELDS = (
-    "CUI1",
-    "AUI1",
-    "STYPE1",
-    "REL",
-    "CUI2",
-    "AUI2",
-    "STYPE2",
-    "RELA",
-    "RUI",
-    "SRUI",
-    "SAB",
-    "SL",
-    "RG",
-    "DIR",
-    "SUPPRESS",
-    "CVF",
-)
-MRDOC_FIELDS = ("DOCKEY", "VALUE", "TYPE", "EXPL")
+from mop.kg.umls import MRCONSO_FIELDS, MRDOC_FIELDS, MRREL_FIELDS
 
 SAB = "SNOMEDCT_US"
 

@@ -40,8 +40,48 @@ import polars as pl
 from mop.errors import MopError
 from mop.kg import KnowledgeGraph, from_coded
 from mop.kg.delimited import check_delimited
-from mop.kg.synthetic import MRCONSO_FIELDS, MRDOC_FIELDS, MRREL_FIELDS
 
+MRCONSO_FIELDS = (
+    "CUI",
+    "LAT",
+    "TS",
+    "LUI",
+    "STT",
+    "SUI",
+    "ISPREF",
+    "AUI",
+    "SAUI",
+    "SCUI",
+    "SDUI",
+    "SAB",
+    "TTY",
+    "CODE",
+    "STR",
+    "SRL",
+    "SUPPRESS",
+    "CVF",
+)
+MRREL_FIELDS = (
+    "CUI1",
+    "AUI1",
+    "STYPE1",
+    "REL",
+    "CUI2",
+    "AUI2",
+    "STYPE2",
+    "RELA",
+    "RUI",
+    "SRUI",
+    "SAB",
+    "SL",
+    "RG",
+    "DIR",
+    "SUPPRESS",
+    "CVF",
+)
+MRDOC_FIELDS = ("DOCKEY", "VALUE", "TYPE", "EXPL")
+
+# The relations of the paper's S20Rel (its appendix A.1), RELA with `_` -> space.
 PAPER_S20REL = (
     "has causative agent",
     "has active ingredient",
