@@ -214,7 +214,7 @@ def load_rf2(
             chosen.append(name)
         rels = rels.filter(pl.col("relation").is_in(chosen))
     elif top_relations is not None:
-        rels = rels.filter(pl.col("relation").is_in(freq["relation"].head(top_relations)))
+        rels = rels.filter(pl.col("relation").is_in(freq["relation"].head(top_relations).implode()))
     rels = rels.with_columns(
         head=_sctid(rels, "sourceId"), tail=_sctid(rels, "destinationId")
     ).select("head", "relation", "tail")
