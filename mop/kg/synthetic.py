@@ -277,11 +277,16 @@ def mrconso_frame(n_concepts: int, rng: np.random.Generator) -> tuple[pl.DataFra
     pt_aui = atoms.filter(pl.col("kind") == 1).select(
         "cui", AUI=_code("A", pl.col("aui") + 1000, 8)
     )
+    # MRREL refers to concepts by index into these aligned columns.
+    all_cuis = np.concatenate([snomed, msh_only])
+    aui_of = dict(zip(pt_aui["cui"].to_list(), pt_aui["AUI"].to_list(), strict=True))
+    n_snomed = snomed.size
     info = {
-        "live": snomed[~retired],
-        "retired": snomed[retired],
-        "msh_only": msh_only,
-        "pt_aui": dict(zip(pt_aui["cui"].to_list(), pt_aui["AUI"].to_list(), strict=True)),
+        "cui": pl.Series(all_cuis).to_frame("c").select(_cui(pl.col("c")))["c"],
+        "aui": pl.Series([aui_of.get(int(c), "") for c in all_cuis], dtype=pl.String),
+        "live": np.flatnonzero(~retired),
+        "retired": np.flatnonzero(retired),
+        "msh_only": n_snomed + np.arange(msh_only.size),
     }
     return rows, info
 
@@ -317,7 +322,7 @@ def _pick(rng: np.random.Generator, pool: np.ndarray, n: int) -> np.ndarray:
 
 
 def mrrel_chunk(n_rows: int, info: dict, rng: np.random.Generator, rui_start: int) -> pl.DataFrame:
-    """About `n_rows` MRREL rows: SNOMED relationships in both directions plus noise."""
+    """Exactly `n_rows` MRREL rows: SNOMED relationships in both directions plus noise."""
     weights = np.array([r[4] for r in RELATIONS])
     n_pairs = int(n_rows * 0.94) // 2
     n_noise = n_rows - 2 * n_pairs
@@ -330,21 +335,18 @@ def mrrel_chunk(n_rows: int, info: dict, rng: np.random.Generator, rui_start: in
     use_retired = hist & (rng.random(n_pairs) < 0.2) & (retired.size > 0)
     if retired.size:
         a[use_retired] = retired[rng.integers(0, retired.size, int(use_retired.sum()))]
-    rela = np.array([r[0] for r in RELATIONS])[kinds]
-    inverse = np.array([r[1] for r in RELATIONS])[kinds]
-    rel = np.array([r[2] for r in RELATIONS])[kinds]
-    rel_inv = np.array([r[3] for r in RELATIONS])[kinds]
-    suppress = np.where(rng.random(n_pairs) < 0.01, "O", "N")
-    suppress[use_retired & (rng.random(n_pairs) < 0.5)] = "O"
+    suppressed = rng.random(n_pairs) < 0.01
+    suppressed |= use_retired & (rng.random(n_pairs) < 0.5)
+    column = [pl.Series([r[i] for r in RELATIONS]) for i in range(4)]
     # Row "CUI1 ... CUI2 ... RELA" says CUI2 --RELA--> CUI1; a --rela--> b is (b, a, rela).
     pairs = pl.DataFrame(
         {
             "c1": np.concatenate([b, a]),
             "c2": np.concatenate([a, b]),
-            "REL": np.concatenate([rel, rel_inv]),
-            "RELA": np.concatenate([rela, inverse]),
-            "SAB": SAB,
-            "SUPPRESS": np.concatenate([suppress, suppress]),
+            "REL": pl.concat([column[2].gather(kinds), column[3].gather(kinds)]),
+            "RELA": pl.concat([column[0].gather(kinds), column[1].gather(kinds)]),
+            "SAB": pl.Series([SAB]).gather(np.zeros(2 * n_pairs, dtype=np.int64)),
+            "SUPPRESS": pl.Series(["N", "O"]).gather(np.tile(suppressed, 2).astype(np.int64)),
             "rui": rui_start + np.arange(2 * n_pairs),
         }
     )
@@ -353,27 +355,34 @@ def mrrel_chunk(n_rows: int, info: dict, rng: np.random.Generator, rui_start: in
     n_dup = min(n_noise // 3, 2 * n_pairs)
     n_sib = n_noise - n_msh - n_dup
     msh_pool = np.concatenate([live[: max(1, live.size // 3)], info["msh_only"]])
+    is_msh = np.repeat([0, 1], [n_sib, n_msh])
     noise = pl.DataFrame(
         {
             "c1": np.concatenate([_pick(rng, live, n_sib), _pick(rng, msh_pool, n_msh)]),
             "c2": np.concatenate([_pick(rng, live, n_sib), _pick(rng, msh_pool, n_msh)]),
-            "REL": np.concatenate([np.full(n_sib, "SIB"), rng.choice(["RB", "RN"], n_msh)]),
-            "RELA": np.concatenate([np.full(n_sib, ""), np.full(n_msh, "mapped_to")]),
-            "SAB": np.concatenate([np.full(n_sib, SAB), np.full(n_msh, "MSH")]),
-            "SUPPRESS": "N",
+            "REL": pl.Series(["SIB", "RB", "RN"]).gather(is_msh * rng.integers(1, 3, is_msh.size)),
+            "RELA": pl.Series(["", "mapped_to"]).gather(is_msh),
+            "SAB": pl.Series([SAB, "MSH"]).gather(is_msh),
+            "SUPPRESS": pl.Series(["N"]).gather(np.zeros(is_msh.size, dtype=np.int64)),
             "rui": rui_start + 2 * n_pairs + np.arange(n_sib + n_msh),
         }
     )
     rows = pl.concat([pairs, noise, pairs.sample(n_dup, seed=int(rng.integers(2**31)))])
-    pt_aui = info["pt_aui"]
     snomed = pl.col("SAB") == SAB
+    c1, c2 = rows["c1"].to_numpy(), rows["c2"].to_numpy()
+    rows = rows.with_columns(
+        CUI1=info["cui"].gather(c1),
+        AUI1=info["aui"].gather(c1),
+        CUI2=info["cui"].gather(c2),
+        AUI2=info["aui"].gather(c2),
+    )
     return rows.select(
-        CUI1=_cui(pl.col("c1")),
-        AUI1=pl.when(snomed).then(pl.col("c1").replace_strict(pt_aui, default="")),
+        "CUI1",
+        AUI1=pl.when(snomed).then("AUI1"),
         STYPE1=pl.when(snomed).then(pl.lit("SCUI")).otherwise(pl.lit("CUI")),
         REL="REL",
-        CUI2=_cui(pl.col("c2")),
-        AUI2=pl.when(snomed).then(pl.col("c2").replace_strict(pt_aui, default="")),
+        CUI2="CUI2",
+        AUI2=pl.when(snomed).then("AUI2"),
         STYPE2=pl.when(snomed).then(pl.lit("SCUI")).otherwise(pl.lit("CUI")),
         RELA="RELA",
         RUI=_code("R", pl.col("rui"), 9),
