@@ -355,9 +355,10 @@ def load_umls(
     usable = rows.select(pl.col("head").is_in(named) & pl.col("tail").is_in(named)).to_series()
     meta["rows_skipped_unnamed_concept"] = int((~usable).sum())
     rows = rows.filter(usable)
-    freq = (
+    pair = pl.col("head").cast(pl.Int64) * 2**32 + pl.col("tail")
+    freq = (  # triples per relation, duplicates counted once
         rows.group_by("RELA")
-        .agg(pl.len().alias("triples"))
+        .agg(pair.n_unique().alias("triples"))
         .with_columns(pl.col("RELA").cast(pl.String))
     )
     meta["relations_available"] = freq.height
