@@ -35,9 +35,11 @@ def extract_one(name: str, options: dict, out: Path) -> dict:
     kg, meta = build_kg(options, f"kgs.{name}")
     stats = write_kg(kg, out, meta)
     seconds = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "name": name,
         "seconds": round(seconds, 2),
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "entities": stats["entities"],
         "relations": stats["relations"],
@@ -70,8 +72,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, help="where the release goes (default: a tmp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the release and the graphs")
-    parser.add_argument("--extract-one", nargs=3, metavar=("NAME", "OPTIONS", "OUT"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--extract-one", nargs=3, metavar=("NAME", "OPTIONS", "OUT"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.extract_one:
         name, options, out = args.extract_one
@@ -109,6 +112,8 @@ def main() -> None:
         "cores": args.cores,
         "generate_seconds": round(generate_s, 2),
         "seconds": round(extract_s, 2),
+        "cpu_seconds": round(sum(g["cpu_seconds"] for g in graphs.values()), 2),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "peak_rss_mb": peak,
         "rows_per_second": round(2 * release.mrrel_rows / extract_s),
         "sfull": graphs["sfull"],
