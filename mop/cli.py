@@ -38,7 +38,7 @@ def cmd_check_config(args: argparse.Namespace) -> None:
 
 
 def cmd_kg(args: argparse.Namespace) -> None:
-    from mop.kg import write_kg
+    from mop.kg import RELATION_FREQUENCY, write_kg
     from mop.kg.sources import build_kg
 
     kg, meta = build_kg(args.options, f"kgs.{args.name}")
@@ -47,6 +47,20 @@ def cmd_kg(args: argparse.Namespace) -> None:
         f"kg {args.name}: {stats['entities']} entities, {stats['relations']} relations, "
         f"{stats['triples']} triples -> {args.out}"
     )
+    args.tags = {"stage": "kg", "kg": args.name} | (args.tags or {})
+    args.run_name = args.run_name or f"kg {args.name}"
+    tracker = _tracker(args, args.out, {"kg": args.options})
+    tracker.log_metrics({k: stats[k] for k in ("entities", "relations", "triples")})
+    tracker.log_artifact(Path(args.out) / RELATION_FREQUENCY)
+    tracker.log_artifact(Path(args.out) / "stats.json")
+    tracker.finish()
+
+
+def cmd_export_openke(args: argparse.Namespace) -> None:
+    from mop.kg.openke import export_openke
+
+    written = export_openke(args.kg, args.out, args.partition)
+    _log(f"OpenKE files for {args.kg} ({written['triples']} triples) -> {args.out}")
 
 
 def cmd_partition(args: argparse.Namespace) -> None:
@@ -61,6 +75,7 @@ def cmd_partition(args: argparse.Namespace) -> None:
         ufactor=o.get("ufactor", 30),
         weighted=o.get("weighted", False),
         shuffle=args.shuffle,
+        given=args.given,
     )
     _log(
         f"partition K={args.k} shuffle={args.shuffle}: {stats['triples_retained']} of "
@@ -298,13 +313,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.add_argument("--options", type=_json, required=True)
     p.add_argument("--out", required=True)
+    _tracking_args(p)
     p.set_defaults(func=cmd_kg)
+
+    p = sub.add_parser(
+        "export-openke", help="write a KG and its partitions in the authors' OpenKE format"
+    )
+    p.add_argument("--kg", required=True, help="a KG folder")
+    p.add_argument("--partition", nargs="*", default=[], help="partition folders of that KG")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export_openke)
 
     p = sub.add_parser("partition", help="METIS K-way partition of a KG")
     p.add_argument("--kg", required=True)
     p.add_argument("--k", type=int, required=True)
     p.add_argument("--shuffle", type=float, default=0.0)
     p.add_argument("--options", type=_json, default={})
+    p.add_argument("--given", help="an OpenKE folder whose partition_<K>.txt replaces METIS")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_partition)
 

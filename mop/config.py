@@ -80,8 +80,12 @@ def preflight(config: dict[str, Any]) -> None:
         safe_name(alias, f"models.{alias}")
     for alias in config["base_models"]:
         resolve_model(alias, config["models"])
-    for name in config["kgs"]:
+    for name, kg_cfg in config["kgs"].items():
         safe_name(name, f"kgs.{name}")
+        for key in ("path", "entities", "relations"):
+            value = kg_cfg.get(key)
+            if isinstance(value, str) and not Path(value).exists():
+                raise MopError(f"config key kgs.{name}.{key}: {value} does not exist")
     ft = config["finetune"]
     for name in ft.get("kgs") or []:
         if name not in config["kgs"]:

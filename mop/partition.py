@@ -106,10 +106,17 @@ def partition_graph(
     ufactor: int = 30,
     weighted: bool = False,
     shuffle: float = 0.0,
+    given: np.ndarray | None = None,
 ) -> Partition:
-    """METIS (then the optional controlled shuffle) and everything later stages need."""
+    """METIS (then the optional controlled shuffle) and everything later stages need.
+
+    given: a membership to use instead of METIS (e.g. the authors' `partition_K.txt`).
+    """
     adj = entity_graph(triples, num_entities, weighted)
-    membership, _ = metis_partition(adj, k, seed=seed, ufactor=ufactor, weighted=weighted)
+    if given is None:
+        membership, _ = metis_partition(adj, k, seed=seed, ufactor=ufactor, weighted=weighted)
+    else:
+        membership = np.asarray(given, dtype=np.int32)
     if shuffle > 0:
         membership = shuffle_membership(membership, shuffle, seed)
     keep = retained_mask(triples, membership)
@@ -174,9 +181,23 @@ def run_partition(
     ufactor: int = 30,
     weighted: bool = False,
     shuffle: float = 0.0,
+    given: str | Path | None = None,
 ) -> dict:
-    """The partition stage: read a KG folder, write membership, triples and stats."""
+    """The partition stage: read a KG folder, write membership, triples and stats.
+
+    given: an OpenKE folder whose `partition_<k>.txt` replaces METIS.
+    """
     kg = read_kg(kg_dir)
+    membership = None
+    if given is not None:
+        from mop.kg.openke import import_partition
+
+        membership = import_partition(given, k, kg_dir)
+        if (membership < 0).any():
+            raise MopError(
+                f"{Path(given) / f'partition_{k}.txt'}: {(membership < 0).sum()} entities "
+                f"of {kg_dir} are in no partition"
+            )
     part = partition_graph(
         kg.triples,
         kg.num_entities,
@@ -185,6 +206,7 @@ def run_partition(
         ufactor=ufactor,
         weighted=weighted,
         shuffle=shuffle,
+        given=membership,
     )
     write_partition(part, out_dir)
     return part.stats

@@ -71,7 +71,7 @@ def test_mlflow_holds_every_job_as_a_run(finished_run, mlflow_server):
     exp = client.get_experiment_by_name("mop-test")
     runs = client.search_runs([exp.experiment_id])
     stages = sorted(run.data.tags["stage"] for run in runs)
-    assert stages == ["finetune"] * 6 + ["pretrain"] * 2 + ["report", "workflow"]
+    assert stages == ["finetune"] * 6 + ["kg"] + ["pretrain"] * 2 + ["report", "workflow"]
     parent = next(run for run in runs if run.data.tags["stage"] == "workflow")
     children = [run for run in runs if run.data.tags["stage"] != "workflow"]
     assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parent.info.run_id}
