@@ -2,8 +2,16 @@
 import json
 from pathlib import Path
 
-from mop.config import preflight, validate_config
+from mop.config import (
+    preflight,
+    task_data_options,
+    task_run_dir,
+    task_seeds,
+    task_training,
+    validate_config,
+)
 from mop.errors import MopError
+from mop.tasks import DATA_TASKS, data_files, get_task
 
 try:
     validate_config(config)
@@ -24,7 +32,7 @@ wildcard_constraints:
     part=r"\d+",
     seed=r"\d+",
     mixture=r"softmax|gumbel|moe",
-    task=r"probe",
+    task=r"probe|hoc|pubmedqa|bioasq7b|bioasq8b|mednli|medqa",
 
 
 def as_json(obj):
@@ -61,11 +69,25 @@ def tags(**kw):
     return as_json(kw)
 
 
+def task_options(task):
+    """Training settings of a task's runs: `finetune` overridden by `tasks.<task>.finetune`."""
+    return as_json(task_training(config, task))
+
+
+def task_files(task):
+    """The official data files a task's prepare step reads."""
+    return [str(p) for p in data_files(task, task_data_options(config, task))]
+
+
+def task_dir(task, seed):
+    return task_run_dir(config, task, seed)
+
+
 def finetune_outputs():
     out = []
     for task in FT["tasks"]:
         for model in config["base_models"]:
-            for seed in FT["seeds"]:
+            for seed in task_seeds(config, task):
                 if "base" in FT["methods"]:
                     out.append(f"{R}/finetune/{task}/{model}/base/seed{seed}/metrics.json")
                 if "mop" in FT["methods"]:
