@@ -115,7 +115,9 @@ def encode_split(
         if any(len(c) != width for c in choices):
             raise MopError("finetune: every question of a choice task needs the same options")
         contexts = (
-            frame["contexts"].to_list() if "contexts" in frame.columns else [[None] * width] * len(a)
+            frame["contexts"].to_list()
+            if "contexts" in frame.columns
+            else [[None] * width] * len(a)
         )
         pair_a = [f"{q} {c}" for q, opts in zip(a, choices, strict=True) for c in opts]
         pair_b = [x or None for ctx in contexts for x in ctx]
@@ -143,7 +145,9 @@ def check_labels(task: TaskSpec, split: EncodedSplit, path: Path) -> None:
         bad = (split.labels < 0) | (split.labels > limit)
     if bad.any():
         row = int(np.argmax(bad))
-        raise MopError(f"{path}: row {row} has label {split.labels[row].tolist()} outside 0..{limit}")
+        raise MopError(
+            f"{path}: row {row} has label {split.labels[row].tolist()} outside 0..{limit}"
+        )
 
 
 class Classifier(torch.nn.Module):
@@ -375,9 +379,7 @@ def finetune(
             step += 1
             seen += idx.size
             seconds += time.perf_counter() - tick
-        dev_probs, _ = predict(
-            model, task, data["dev"], tokenizer.pad_token_id, cfg.batch_size * 4
-        )
+        dev_probs, _ = predict(model, task, data["dev"], tokenizer.pad_token_id, cfg.batch_size * 4)
         dev_metrics, _ = evaluate(task, data["dev"], dev_probs)
         score = dev_metrics[task.main_metric]
         entry = {

@@ -131,7 +131,9 @@ def test_separate_learning_rates(tiny_spec, tiny_adapters):
 def test_adapter_method_activates_exactly_one_adapter(tiny_spec, tiny_adapters):
     with pytest.raises(MopError, match="exactly one adapter"):
         build_classifier(tiny_spec, TASK, "adapter", tiny_adapters, FinetuneConfig())
-    model, fusion = build_classifier(tiny_spec, TASK, "adapter", tiny_adapters[:1], FinetuneConfig())
+    model, fusion = build_classifier(
+        tiny_spec, TASK, "adapter", tiny_adapters[:1], FinetuneConfig()
+    )
     assert fusion is None
     assert str(model.encoder.active_adapters) == "Stack[p0]"
     assert any(".adapters.p0." in n for n, _ in model.named_parameters())

@@ -113,9 +113,10 @@ def test_pubmedqa_split_is_label_stratified_and_disjoint():
 def test_pubmedqa_folds_from_split_files_equal_those_from_ori_pqal(tmp_path):
     write_official_split(FIXTURES / "pubmedqa" / "ori_pqal.json", tmp_path / "data")
     official = json.loads((tmp_path / "data" / "pqal_fold3" / "dev_set.json").read_text())
-    assert list(official) == json.loads(
-        (FIXTURES / "pubmedqa" / "official_split_pmids.json").read_text()
-    )["dev"][3]
+    assert (
+        list(official)
+        == json.loads((FIXTURES / "pubmedqa" / "official_split_pmids.json").read_text())["dev"][3]
+    )
     a = prepare_data("pubmedqa", {"path": str(tmp_path / "data")}, tmp_path / "a")
     b = prepare_data("pubmedqa", {"path": str(FIXTURES / "pubmedqa")}, tmp_path / "b")
     assert "split files" in a["source"] and "recipe" in b["source"]
@@ -174,7 +175,12 @@ def test_multi_label_evaluation_thresholds_at_one_half():
         ("hoc", "hoc", lambda t: t.replace("_s1\n", "\textra\n", 1), r"train.tsv:\d+: 4 tab"),
         ("bioasq7b", "bioasq7b", lambda t: t.replace("\tyes", "\tmaybe", 1), r"label 'maybe'"),
         ("bioasq7b", "bioasq7b", lambda t: "x\ty\n" + t, r"train.tsv:1: 2 tab-separated"),
-        ("mednli", "mednli", lambda t: t.replace("entailment", "entails", 1), r"_v1.jsonl:1: label"),
+        (
+            "mednli",
+            "mednli",
+            lambda t: t.replace("entailment", "entails", 1),
+            r"_v1.jsonl:1: label",
+        ),
         ("mednli", "mednli", lambda t: t + "{broken\n", r"mli_train_v1.jsonl:7: not valid JSON"),
     ],
 )

@@ -181,9 +181,7 @@ def lookup_label(spec: TaskSpec, value: Any, where: str) -> int:
     try:
         return spec.labels.index(value)
     except ValueError:
-        raise MopError(
-            f"{where}: label {value!r} is not one of {', '.join(spec.labels)}"
-        ) from None
+        raise MopError(f"{where}: label {value!r} is not one of {', '.join(spec.labels)}") from None
 
 
 def split_frame(rows: list[dict[str, Any]], spec: TaskSpec, where: str) -> pl.DataFrame:

@@ -58,7 +58,9 @@ def data_files(options: dict[str, Any]) -> list[Path]:
     if not (root / "test_set.json").is_file():
         return [root / "ori_pqal.json"]
     return [root / "test_set.json"] + [
-        root / f"pqal_fold{i}" / f"{name}_set.json" for i in range(FOLDS) for name in ("train", "dev")
+        root / f"pqal_fold{i}" / f"{name}_set.json"
+        for i in range(FOLDS)
+        for name in ("train", "dev")
     ]
 
 
@@ -152,7 +154,9 @@ def load_folds(options: dict[str, Any]) -> tuple[dict, list[tuple[dict, dict]], 
         test, cv = make_official_split(read_questions(files[0]))
         return test, cv, f"{files[0]} (official split recipe, seed 0)"
     test = read_questions(files[0])
-    cv = [(read_questions(files[1 + 2 * i]), read_questions(files[2 + 2 * i])) for i in range(FOLDS)]
+    cv = [
+        (read_questions(files[1 + 2 * i]), read_questions(files[2 + 2 * i])) for i in range(FOLDS)
+    ]
     return test, cv, f"{files[0].parent} (official split files)"
 
 
