@@ -78,7 +78,9 @@ def test_dry_run_lists_the_papers_jobs(tmp_path):
     }
     assert sum(jobs.values()) == 507
     # per-task settings reach the jobs; PubMedQA run i reads fold i
-    commands = [c for c in result.stdout.splitlines() if c.startswith("Shell command: mop finetune")]
+    commands = [
+        c for c in result.stdout.splitlines() if c.startswith("Shell command: mop finetune")
+    ]
     assert len(commands) == models * runs * (1 + kgs)
     pqa = [c for c in commands if "--task pubmedqa" in c and "--method mop" in c]
     assert len(pqa) == models * kgs * 10

@@ -247,3 +247,63 @@ def test_per_task_settings_override_finetune_and_pick_folds(tmp_path):
     bad["tasks"]["pubmedqa"]["finetune"]["seeds"] = [3, 12]
     with pytest.raises(MopError, match=r"tasks.pubmedqa.finetune.seeds: \[12\]"):
         check_tasks(bad)
+
+
+def test_cli_prepares_a_task_and_writes_pubmedqa_folds(tmp_path):
+    import subprocess
+    import sys
+
+    options = json.dumps({"path": str(FIXTURES / "bioasq7b")})
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mop.cli",
+            "task",
+            "bioasq7b",
+            "--options",
+            options,
+            "--out",
+            str(tmp_path / "bioasq"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert pl.read_parquet(tmp_path / "bioasq" / "train.parquet").height == 8
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mop.cli",
+            "pubmedqa-folds",
+            str(FIXTURES / "pubmedqa" / "ori_pqal.json"),
+            "--out",
+            str(tmp_path / "pqa"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in (tmp_path / "pqa").iterdir()) == sorted(
+        ["test_set.json"] + [f"pqal_fold{i}" for i in range(10)]
+    )
+    missing = json.dumps({"path": str(tmp_path / "nowhere")})
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mop.cli",
+            "task",
+            "mednli",
+            "--options",
+            missing,
+            "--out",
+            str(tmp_path / "mednli"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1
+    assert run.stderr.startswith("mop: error: config key tasks.mednli.path: ")
+    assert "PhysioNet" in run.stderr and not (tmp_path / "mednli").exists()
