@@ -17,7 +17,7 @@ _SOURCE = (
     "BioASQ Task B ({year}) yes/no questions, as preprocessed by BLURB "
     "(https://microsoft.github.io/BLURB/): put train.tsv, dev.tsv and test.tsv in this folder. "
     "Licence: the BioASQ data need a free registration at http://participants-area.bioasq.org "
-    "and are used under its terms; they may not be redistributed."
+    "and are used under the BioASQ terms of use."
 )
 SPECS = {
     name: TaskSpec(

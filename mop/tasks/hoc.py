@@ -40,7 +40,8 @@ SPEC = TaskSpec(
         "HoC comes from the BLURB benchmark's preprocessing (https://microsoft.github.io/BLURB/) "
         "of the Hallmarks of Cancer corpus (Baker et al. 2016, "
         "https://github.com/sb895/Hallmarks-of-Cancer); put train.tsv, dev.tsv and test.tsv in "
-        "this folder. Licence: the corpus' own (GPL-3.0 as listed by BigBio); cite Baker et al."
+        "this folder. Licence: the corpus repository states none beyond asking to cite "
+        "Baker et al.; check its terms before sharing the files."
     ),
 )
 _INDEX = re.compile(r"^(?P<doc>.+)_s(?P<sentence>\d+)$")
