@@ -154,7 +154,11 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_task(args: argparse.Namespace) -> None:
     if args.task != "probe":
-        raise MopError(f"unknown task {args.task!r}")
+        from mop.tasks import prepare_data
+
+        summary = prepare_data(args.task, args.options, args.out)
+        _log(f"task {args.task}: {summary.get('examples')} examples -> {args.out}")
+        return
     from mop.tasks.probe import prepare
 
     o = dict(args.options)
@@ -164,6 +168,13 @@ def cmd_task(args: argparse.Namespace) -> None:
         o["shares"] = tuple(o["shares"])
     summary = prepare(args.kg, args.partition, args.out, **o)
     _log(f"task probe: {summary['questions']} questions -> {args.out}")
+
+
+def cmd_pubmedqa_folds(args: argparse.Namespace) -> None:
+    from mop.tasks.pubmedqa import write_official_split
+
+    sizes = write_official_split(args.ori_pqal, args.out, seed=args.seed)
+    _log(f"pubmedqa: test {sizes['test']}, folds train {sizes['train']} dev {sizes['dev']}")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -361,6 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--options", type=_json, default={})
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_task)
+
+    p = sub.add_parser(
+        "pubmedqa-folds",
+        help="write PubMedQA's official test set and 10 folds from ori_pqal.json",
+    )
+    p.add_argument("ori_pqal")
+    p.add_argument("--out", required=True, help="folder for test_set.json and pqal_fold*/")
+    p.add_argument("--seed", type=int, default=0, help="the official recipe's seed is 0")
+    p.set_defaults(func=cmd_pubmedqa_folds)
 
     p = sub.add_parser("finetune", help="fine-tune on a task with one method and seed")
     p.add_argument("--task", required=True)

@@ -4,8 +4,16 @@ import os
 import time
 from pathlib import Path
 
-from mop.config import preflight, validate_config
+from mop.config import (
+    preflight,
+    task_data_options,
+    task_run_dir,
+    task_seeds,
+    task_training,
+    validate_config,
+)
 from mop.errors import MopError
+from mop.tasks import DATA_TASKS, data_files, get_task
 
 try:
     validate_config(config)
@@ -31,7 +39,7 @@ wildcard_constraints:
     part=r"\d+",
     seed=r"\d+",
     mixture=r"softmax|gumbel(-t[0-9]*\.?[0-9]+)?|moe(-k[0-9]+)?",
-    task=r"probe",
+    task=r"probe|hoc|pubmedqa|bioasq7b|bioasq8b|mednli|medqa",
 
 
 def as_json(obj):
@@ -79,6 +87,20 @@ def tags(**kw):
     return as_json(kw)
 
 
+def task_options(task):
+    """Training settings of a task's runs: `finetune` overridden by `tasks.<task>.finetune`."""
+    return as_json(task_training(config, task))
+
+
+def task_files(task):
+    """The official data files a task's prepare step reads."""
+    return [str(p) for p in data_files(task, task_data_options(config, task))]
+
+
+def task_dir(task, seed):
+    return task_run_dir(config, task, seed)
+
+
 def mop_kgs():
     return FT.get("kgs") or list(config["kgs"])
 
@@ -91,7 +113,7 @@ def base_metrics():
         f"{R}/finetune/{task}/{model}/base/seed{seed}/metrics.json"
         for task in FT["tasks"]
         for model in config["base_models"]
-        for seed in FT["seeds"]
+        for seed in task_seeds(config, task)
     ]
 
 
@@ -107,7 +129,7 @@ def mop_metrics(ks=None, schemes=("metis",), mixtures=None):
         for k in (ks or [FT["k"]])
         for scheme in schemes
         for mixture in (mixtures or FT["mixtures"])
-        for seed in FT["seeds"]
+        for seed in task_seeds(config, task)
     ]
 
 
@@ -128,7 +150,7 @@ def first_mixture_file():
     """The mixture weights of the first MoP setup's first seed (Figure 4)."""
     task, model, kg = FT["tasks"][0], config["base_models"][0], mop_kgs()[0]
     return (f"{R}/finetune/{task}/{model}/mop-{FT['mixtures'][0]}/{kg}/k{FT['k']}-metis/"
-            f"seed{FT['seeds'][0]}/mixture.parquet")
+            f"seed{task_seeds(config, task)[0]}/mixture.parquet")
 
 
 def report_outputs():
