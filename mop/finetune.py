@@ -342,7 +342,8 @@ def predict(
     width = split.choices if task.kind == "choice" else task.head_size
     probs = np.zeros((len(split), width), dtype=np.float32)
     mix = None
-    for idx in sequential_batches(len(split), batch_size, split.lengths):
+    batches = sequential_batches(len(split), batch_size, split.lengths)
+    for idx in tqdm(batches, desc="evaluate", mininterval=5, leave=False):
         rows = split.rows(idx)
         ids, mask = split.seqs.pad(rows, pad_id)
         logits, att = model(ids, mask, fusion_name is not None, *split.extras(idx))

@@ -269,7 +269,8 @@ def knowledge_probe(
         answers.setdefault(int(q), []).append(int(label))
     model.eval()
     ranks = []
-    for idx in sequential_batches(rows.size, batch_size, data.seqs.lengths[rows]):
+    batches = sequential_batches(rows.size, batch_size, data.seqs.lengths[rows])
+    for idx in tqdm(batches, desc="knowledge probe", mininterval=5):
         batch = rows[idx]
         ids, mask = data.seqs.pad(batch, pad_id)
         scores = model(ids.to(device), mask.to(device)).float().cpu()
