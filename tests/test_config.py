@@ -96,3 +96,19 @@ def test_conda_env_pins_the_same_packages_as_pyproject():
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert sorted(p for p in pip if not p.startswith("-e")) == sorted(deps)
     assert "python=3.11" in env["dependencies"]
+
+
+def test_every_key_of_the_schema_is_documented():
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    doc = (REPO / "config" / "README.md").read_text()
+
+    def keys(node, path):
+        for key, sub in (node.get("properties") or {}).items():
+            yield f"{path}{key}", key
+            if isinstance(sub, dict) and sub.get("type") == "object":
+                yield from keys(sub, f"{path}{key}.")
+
+    forms = ("`{k}`", "`{k}:", "`{k}.", "{k}`")
+    missing = [path for path, key in keys(schema, "")
+               if not any(form.format(k=key) in doc for form in forms)]
+    assert missing == []
