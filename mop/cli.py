@@ -212,6 +212,12 @@ def cmd_report(args: argparse.Namespace) -> None:
         _log(f"MLflow not reachable ({exc}); run `mop track sync` later")
 
 
+def cmd_partition_table(args: argparse.Namespace) -> None:
+    from mop.report import write_retained_table
+
+    _log(f"partition table: {write_retained_table(args.stats, args.out)}")
+
+
 def cmd_track(args: argparse.Namespace) -> None:
     from mop.tracking import default_tracking_uri, sync_all
 
@@ -319,6 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "partition-table", help="training triples per shuffle rate (the paper's Table 3)"
+    )
+    p.add_argument("--stats", nargs="+", required=True, help="partition stats.json files")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_partition_table)
 
     p = sub.add_parser("track", help="log run records that MLflow does not hold yet")
     p.add_argument("action", choices=["sync"])

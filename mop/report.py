@@ -13,7 +13,8 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
-from mop.io import atomic_path, read_json
+from mop.errors import MopError
+from mop.io import atomic_path, read_json, require_file
 
 RUN_COLUMNS = [
     "task",
@@ -166,3 +167,129 @@ def write_main_table(results: str | Path, out_dir: str | Path) -> Path:
     with atomic_path(out / "main.md") as tmp:
         tmp.write_text("# Results\n\n" + to_markdown(header, body) + "\n" + note)
     return out / "main.md"
+
+
+# Table 3: training triples kept under controlled shuffling.
+
+TABLE3_NOTE = (
+    "Triples whose head and tail fall into the same partition (the triples adapters train "
+    "on), for METIS partitions whose entities are shuffled at the given rate (paper section "
+    "3.6); in brackets the share of the rate-0 (METIS) count. Rate 100%: a random partition "
+    "with the METIS partition sizes."
+)
+
+
+PARTITION_KEYS = ("k", "shuffle", "triples", "triples_retained")
+
+
+def partition_rows(stats_files: list[str | Path]) -> pl.DataFrame:
+    """One row per partition stats file: kg, k, shuffle, triples, triples_retained, share.
+
+    The KG name is the folder two levels up (`partition/<kg>/k<K>-<scheme>/stats.json`);
+    `share` is the retained count as a percentage of the same KG and K's rate-0 count.
+    Rows keep the order of `stats_files`, which also orders the table's columns.
+    """
+    rows = []
+    for f in stats_files:
+        s = read_json(require_file(f, "partition stats"))
+        missing = [key for key in PARTITION_KEYS if key not in s]
+        if missing:
+            raise MopError(f"{f}: not a partition stats file (no {', '.join(missing)})")
+        rows.append(
+            {"kg": Path(f).parent.parent.name, **{key: s[key] for key in PARTITION_KEYS}}
+        )
+    schema = {
+        "kg": pl.String,
+        "k": pl.Int64,
+        "shuffle": pl.Float64,
+        "triples": pl.Int64,
+        "triples_retained": pl.Int64,
+    }
+    df = pl.DataFrame(rows, schema=schema).unique(["kg", "k", "shuffle"], maintain_order=True)
+    base = df.filter(pl.col("shuffle") == 0).select("kg", "k", base="triples_retained")
+    return (
+        df.join(base, on=["kg", "k"], how="left", maintain_order="left")
+        .with_columns(share=100 * pl.col("triples_retained") / pl.col("base"))
+        .drop("base")
+    )
+
+
+def retained_table(rows: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Table 3's layout: a row per shuffle rate, a column per KG (and K, if several)."""
+    columns = rows.select("kg", "k").unique(maintain_order=True).rows()
+    several_k = len({k for _, k in columns}) > 1
+    header = ["Shuffle rate"] + [f"{kg} (K = {k})" if several_k else kg for kg, k in columns]
+    body = []
+    for rate in sorted(rows["shuffle"].unique().to_list()):
+        cells = [f"{rate * 100:g}%"]
+        for kg, k in columns:
+            hit = rows.filter(
+                (pl.col("kg") == kg) & (pl.col("k") == k) & (pl.col("shuffle") == rate)
+            )
+            if hit.height == 0:
+                cells.append("-")
+                continue
+            r = hit.row(0, named=True)
+            share = "-" if r["share"] is None else f"{r['share']:.1f}%"
+            cells.append(f"{r['triples_retained']:,} ({share})")
+        body.append(cells)
+    return header, body
+
+
+LATEX_ESCAPES = str.maketrans(
+    {
+        "\\": r"\textbackslash{}",
+        "%": r"\%",
+        "_": r"\_",
+        "&": r"\&",
+        "#": r"\#",
+        "$": r"\$",
+        "{": r"\{",
+        "}": r"\}",
+    }
+)
+
+
+def latex_tabular(header: list[str], body: list[list[str]], caption: str, label: str) -> str:
+    """A booktabs table (needs `\\usepackage{booktabs}`), LaTeX specials escaped."""
+
+    def esc(text: str) -> str:
+        return text.translate(LATEX_ESCAPES)
+
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}",
+        r"\toprule",
+        " & ".join(esc(h) for h in header) + r" \\",
+        r"\midrule",
+        *(" & ".join(esc(c) for c in row) + r" \\" for row in body),
+        r"\bottomrule",
+        r"\end{tabular}",
+        rf"\caption{{{esc(caption)}}}",
+        rf"\label{{{label}}}",
+        r"\end{table}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_retained_table(stats_files: list[str | Path], out_dir: str | Path) -> Path:
+    """Write `table3.md`, `table3.csv` (one row per KG, K and rate) and `table3.tex`."""
+    rows = partition_rows(stats_files)
+    out = Path(out_dir)
+    ks = sorted(set(rows["k"].to_list()))
+    note = f"{TABLE3_NOTE} K = {', '.join(map(str, ks))}."
+    header, body = retained_table(rows)
+    with atomic_path(out / "table3.csv") as tmp:
+        rows.write_csv(tmp)
+    with atomic_path(out / "table3.md") as tmp:
+        tmp.write_text(
+            "# Training triples under controlled shuffling\n\n"
+            + to_markdown(header, body)
+            + "\n"
+            + note
+            + "\n"
+        )
+    with atomic_path(out / "table3.tex") as tmp:
+        tmp.write_text(latex_tabular(header, body, note, "tab:shuffled-triples"))
+    return out / "table3.md"

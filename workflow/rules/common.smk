@@ -4,6 +4,7 @@ from pathlib import Path
 
 from mop.config import preflight, validate_config
 from mop.errors import MopError
+from mop.partition import scheme_name, scheme_rate
 
 try:
     validate_config(config)
@@ -48,7 +49,33 @@ def res(stage, key):
 
 
 def shuffle_rate(scheme):
-    return 0.0 if scheme == "metis" else float(scheme.removeprefix("shuffle"))
+    return scheme_rate(scheme)
+
+
+def partition_schemes():
+    """`metis` and one `shuffle<rate>` per nonzero rate in partition.shuffle."""
+    return list(dict.fromkeys(["metis", *map(scheme_name, config["partition"]["shuffle"])]))
+
+
+def partition_stats():
+    """Every KG x K x scheme's stats.json: the partitions the config asks for."""
+    return [
+        f"{R}/partition/{kg}/k{k}-{scheme}/stats.json"
+        for kg in config["kgs"]
+        for k in dict.fromkeys(config["partition"]["k"])
+        for scheme in partition_schemes()
+    ]
+
+
+def mop_setups():
+    """(K, scheme) pairs MoP is fine-tuned with: finetune.k with METIS and, with
+    finetune.partition_experiments, every K with METIS (Table 4) and every shuffle
+    scheme at finetune.k (Figure 3)."""
+    setups = [(FT["k"], "metis")]
+    if FT["partition_experiments"]:
+        setups += [(k, "metis") for k in config["partition"]["k"]]
+        setups += [(FT["k"], scheme) for scheme in partition_schemes()]
+    return list(dict.fromkeys(setups))
 
 
 def adapter_dirs(kg, k, scheme, model):
@@ -71,12 +98,19 @@ def finetune_outputs():
                 if "mop" in FT["methods"]:
                     for kg in FT.get("kgs") or list(config["kgs"]):
                         for mixture in FT["mixtures"]:
-                            out.append(
-                                f"{R}/finetune/{task}/{model}/mop-{mixture}/{kg}/"
-                                f"k{FT['k']}-metis/seed{seed}/metrics.json"
-                            )
+                            for k, scheme in mop_setups():
+                                out.append(
+                                    f"{R}/finetune/{task}/{model}/mop-{mixture}/{kg}/"
+                                    f"k{k}-{scheme}/seed{seed}/metrics.json"
+                                )
     return out
 
 
+def partition_outputs():
+    """Every partition's stats and, when the config shuffles, the Table 3 files."""
+    tables = [f"{R}/tables/table3.{ext}" for ext in ("md", "csv", "tex")]
+    return [*partition_stats(), *(tables if len(partition_schemes()) > 1 else [])]
+
+
 def final_outputs():
-    return [f"{R}/tables/main.md", *finetune_outputs()]
+    return [f"{R}/tables/main.md", *finetune_outputs(), *partition_outputs()]
