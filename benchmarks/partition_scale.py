@@ -75,6 +75,8 @@ def _pin(cores: int) -> int:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--kg", help="KG folder (default: generate the synthetic SFull graph)")
+    p.add_argument("--entities", type=int, help="generate this many entities (scaling runs)")
+    p.add_argument("--triples", type=int, help="generate this many triples (scaling runs)")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
@@ -91,8 +93,12 @@ def main(argv: list[str] | None = None) -> None:
         gen_s = None
         if not args.kg:
             t0 = time.perf_counter()
+            size = [
+                *(["--entities", str(args.entities)] if args.entities else []),
+                *(["--triples", str(args.triples)] if args.triples else []),
+            ]
             subprocess.run(
-                [sys.executable, "-m", "benchmarks.synthetic_graph", "--out", str(kg_dir)],
+                [sys.executable, "-m", "benchmarks.synthetic_graph", "--out", str(kg_dir), *size],
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
@@ -126,9 +132,12 @@ def main(argv: list[str] | None = None) -> None:
         "generate_s": round(gen_s, 1) if gen_s is not None else None,
         "cores": cores,
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.system()}",
-        "targets_met": wall <= TARGET_WALL_S
-        and peak <= TARGET_RSS_GB
-        and stage / metis <= TARGET_RATIO,
+        # The targets are set for the SFull-size graph with K = 20 only.
+        "targets_met": (
+            wall <= TARGET_WALL_S and peak <= TARGET_RSS_GB and stage / metis <= TARGET_RATIO
+        )
+        if (stats["entities"], stats["triples"], args.k) == (302_332, 4_129_726, 20)
+        else None,
     }
     print(json.dumps(result))
 
