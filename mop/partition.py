@@ -223,7 +223,9 @@ def partition_graph(
 def write_partition(part: Partition, out_dir: str | Path) -> None:
     out = Path(out_dir)
     write_parquet(part.membership, out / "membership.parquet")
-    write_parquet(part.triples, out / "triples.parquet")
+    # LZ4 without column statistics writes SFull's ~3M retained triples in half the time
+    # of the zstd default, for a file a fifth larger.
+    write_parquet(part.triples, out / "triples.parquet", compression="lz4", statistics=False)
     write_json(part.stats, out / "stats.json")
 
 
