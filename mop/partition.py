@@ -44,17 +44,18 @@ def entity_graph(triples: pl.DataFrame, num_entities: int, weighted: bool = Fals
     """Symmetric CSR adjacency of the entity graph, sorted indices, no duplicates.
 
     Values are the number of triples per entity pair with `weighted`, else all True.
-    Built as A + A.T from the head -> tail matrix A: its rows are short and, in a KG
-    sorted by head, nearly sorted already, and the sum merges sorted rows in linear
-    time; a third faster than collapsing both directions at once.
+    Built as A + A^T from the head -> tail matrix A, assembled column by column: in a KG
+    sorted by head (as the `kg` stage writes them) each column's rows arrive sorted, so
+    every step is a linear pass and nothing is sorted (unsorted input is sorted, still
+    correct, just slower).
     """
     h = triples["head"].to_numpy()
     t = triples["tail"].to_numpy()
     keep = h != t
     # int32 values add up duplicate pairs (edge weights); bool values collapse them.
     vals = np.ones(int(np.count_nonzero(keep)), dtype=np.int32 if weighted else np.bool_)
-    a = sp.csr_array((vals, (h[keep], t[keep])), shape=(num_entities, num_entities))
-    return (a + a.T).tocsr()
+    a = sp.csc_array((vals, (h[keep], t[keep])), shape=(num_entities, num_entities))
+    return a.tocsr() + a.T
 
 
 def metis_partition(
@@ -115,15 +116,21 @@ def retained_mask(triples: pl.DataFrame, membership: np.ndarray) -> np.ndarray:
 
 
 def edge_cut(adj: sp.csr_array, membership: np.ndarray) -> tuple[int, np.ndarray]:
-    """Undirected entity pairs cut by the partition, and each entity's neighbours in its own.
+    """Undirected entity pairs cut by the partition, and which entities have a neighbour
+    in their own partition.
 
     One pass over the adjacency serves both: an entity with no neighbour inside its
     partition has no retained triple there (but for a self loop).
     """
-    same = np.repeat(membership, np.diff(adj.indptr)) == membership[adj.indices]
-    inside = np.concatenate([[0], np.cumsum(same, dtype=np.int64)])
-    cut = (adj.nnz - int(inside[-1])) // 2
-    return cut, np.diff(inside[adj.indptr])
+    degree = np.diff(adj.indptr)
+    same = np.repeat(membership, degree) == membership[adj.indices]
+    cut = (adj.nnz - int(np.count_nonzero(same))) // 2
+    has_inside = np.zeros(membership.size, dtype=bool)
+    # reduceat sums [start_i, start_i+1) for consecutive starts: empty rows are left out.
+    starts = adj.indptr[:-1][degree > 0]
+    if starts.size:
+        has_inside[degree > 0] = np.logical_or.reduceat(same, starts)
+    return cut, has_inside
 
 
 def local_index(membership: np.ndarray) -> np.ndarray:
@@ -184,11 +191,11 @@ def partition_graph(
             "local": local_index(membership),
         }
     )
-    cut, neighbours_inside = edge_cut(adj, membership)
+    cut, neighbour_inside = edge_cut(adj, membership)
     with_loop = np.zeros(n, dtype=bool)
     with_loop[h[h == t]] = True
     has_triple = (np.diff(adj.indptr) > 0) | with_loop
-    has_kept = (neighbours_inside > 0) | with_loop
+    has_kept = neighbour_inside | with_loop
     retained = int(np.count_nonzero(keep))
     pairs = adj.nnz // 2
     stats = {
