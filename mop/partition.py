@@ -111,10 +111,6 @@ def scheme_rate(scheme: str) -> float:
     return 0.0 if scheme == "metis" else float(scheme.removeprefix("shuffle"))
 
 
-def retained_mask(triples: pl.DataFrame, membership: np.ndarray) -> np.ndarray:
-    return membership[triples["head"].to_numpy()] == membership[triples["tail"].to_numpy()]
-
-
 def edge_cut(adj: sp.csr_array, membership: np.ndarray) -> tuple[int, np.ndarray]:
     """Undirected entity pairs cut by the partition, and which entities have a neighbour
     in their own partition.

@@ -195,9 +195,7 @@ def partition_rows(stats_files: list[str | Path]) -> pl.DataFrame:
         missing = [key for key in PARTITION_KEYS if key not in s]
         if missing:
             raise MopError(f"{f}: not a partition stats file (no {', '.join(missing)})")
-        rows.append(
-            {"kg": Path(f).parent.parent.name, **{key: s[key] for key in PARTITION_KEYS}}
-        )
+        rows.append({"kg": Path(f).parent.parent.name, **{key: s[key] for key in PARTITION_KEYS}})
     schema = {
         "kg": pl.String,
         "k": pl.Int64,
