@@ -98,7 +98,8 @@ def synthetic_graph(spec: SyntheticSpec = SyntheticSpec()) -> KnowledgeGraph:
         rel = rng.choice(spec.relations, size=m, p=rel_p)
         ok = head != tail
         new = (head[ok] * n + tail[ok]) * spec.relations + rel[ok]
-        keys = np.unique(np.concatenate([keys, new]))
+        keys = np.sort(np.concatenate([keys, new]))
+        keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
     keys = np.sort(rng.choice(keys, size=spec.triples, replace=False))
     rel = keys % spec.relations
     pair = keys // spec.relations
