@@ -4,8 +4,10 @@ from collections import Counter
 import numpy as np
 import polars as pl
 import pytest
+import yaml
 
 from benchmarks.synthetic_graph import SyntheticSpec, synthetic_graph
+from mop.config import preflight, validate_config
 from mop.errors import MopError
 from mop.io import read_json, write_json
 from mop.kg import write_kg
@@ -331,6 +333,39 @@ def test_workflow_dry_run_expands_every_k_and_shuffle_scheme(tmp_path):
     finetuned = set(re.findall(r"mop-softmax/hpo-tiny/(k\d+-[\w.]+)/seed\d+/metrics\.json", out))
     # Table 4: every K with METIS; Figure 3: every shuffle rate at finetune.k.
     assert finetuned == {"k2-metis", "k3-metis", "k2-shuffle0.5", "k2-shuffle1.0"}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda c: c["partition"].update(shuffle=[0.0, 0.00001]),
+            r"config key partition.shuffle: rate 1e-05 is too small to name a scheme",
+        ),
+        (
+            lambda c: c["finetune"].update(methods=["base"], partition_experiments=True),
+            r"config key finetune.partition_experiments: .* need mop in finetune.methods",
+        ),
+        (
+            lambda c: c["partition"].update(k=[4, 20]) or c["finetune"].update(k=10),
+            r"config key finetune.k: 10 is not one of partition.k \[4, 20\]",
+        ),
+    ],
+)
+def test_preflight_checks_k_and_shuffle_lists(change, message, tmp_path):
+    config = validate_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    config["results"] = str(tmp_path)
+    assert config["partition"]["shuffle"] == [0.0]
+    assert config["finetune"]["partition_experiments"] is False
+    change(config)
+    with pytest.raises(MopError, match=message):
+        preflight(config)
+
+
+def test_shuffle_rates_default_to_the_papers():
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    del config["partition"]["shuffle"]
+    assert validate_config(config)["partition"]["shuffle"] == [0.0, 0.1, 0.2, 0.4, 0.8, 1.0]
 
 
 def test_whole_hpo_metis_keeps_five_times_random():
