@@ -38,7 +38,7 @@ def cmd_check_config(args: argparse.Namespace) -> None:
 
 
 def cmd_kg(args: argparse.Namespace) -> None:
-    from mop.kg import write_kg
+    from mop.kg import RELATION_FREQUENCY, write_kg
     from mop.kg.sources import build_kg
 
     kg, meta = build_kg(args.options, f"kgs.{args.name}")
@@ -47,6 +47,20 @@ def cmd_kg(args: argparse.Namespace) -> None:
         f"kg {args.name}: {stats['entities']} entities, {stats['relations']} relations, "
         f"{stats['triples']} triples -> {args.out}"
     )
+    args.tags = {"stage": "kg", "kg": args.name} | (args.tags or {})
+    args.run_name = args.run_name or f"kg {args.name}"
+    tracker = _tracker(args, args.out, {"kg": args.options})
+    tracker.log_metrics({k: stats[k] for k in ("entities", "relations", "triples")})
+    tracker.log_artifact(Path(args.out) / RELATION_FREQUENCY)
+    tracker.log_artifact(Path(args.out) / "stats.json")
+    tracker.finish()
+
+
+def cmd_export_openke(args: argparse.Namespace) -> None:
+    from mop.kg.openke import export_openke
+
+    written = export_openke(args.kg, args.out, args.partition)
+    _log(f"OpenKE files for {args.kg} ({written['triples']} triples) -> {args.out}")
 
 
 def cmd_partition(args: argparse.Namespace) -> None:
@@ -61,6 +75,7 @@ def cmd_partition(args: argparse.Namespace) -> None:
         ufactor=o.get("ufactor", 30),
         weighted=o.get("weighted", False),
         shuffle=args.shuffle,
+        given=args.given,
     )
     _log(
         f"partition K={args.k} shuffle={args.shuffle}: {stats['triples_retained']} of "
@@ -127,7 +142,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
             "part": args.part,
         },
     )
-    m = pretrain_partition(spec, data, cfg, args.out, tracker)
+    source = {"kg": args.kg, "partition_dir": args.partition, "partition": args.part}
+    m = pretrain_partition(spec, data, cfg, args.out, tracker, source=source)
     tracker.finish()
     p = m["probe"]["train"]
     _log(
@@ -138,7 +154,11 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_task(args: argparse.Namespace) -> None:
     if args.task != "probe":
-        raise MopError(f"unknown task {args.task!r}")
+        from mop.tasks import prepare_data
+
+        summary = prepare_data(args.task, args.options, args.out)
+        _log(f"task {args.task}: {summary.get('examples')} examples -> {args.out}")
+        return
     from mop.tasks.probe import prepare
 
     o = dict(args.options)
@@ -150,20 +170,27 @@ def cmd_task(args: argparse.Namespace) -> None:
     _log(f"task probe: {summary['questions']} questions -> {args.out}")
 
 
+def cmd_pubmedqa_folds(args: argparse.Namespace) -> None:
+    from mop.tasks.pubmedqa import write_official_split
+
+    sizes = write_official_split(args.ori_pqal, args.out, seed=args.seed)
+    _log(f"pubmedqa: test {sizes['test']}, folds train {sizes['train']} dev {sizes['dev']}")
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     from mop.finetune import FinetuneConfig, finetune
-    from mop.fusion import MixtureConfig
+    from mop.fusion import MixtureConfig, parse_mixture
     from mop.models import resolve_model
     from mop.tasks import get_task
 
     o = args.options
-    mixture = MixtureConfig(
-        kind=args.mixture or "softmax",
+    defaults = MixtureConfig(
         tau=o.get("gumbel_tau", 1.0),
         top_k=o.get("moe_top_k", 2),
         balance=o.get("moe_balance", 0.0),
         fusion_reg=o.get("fusion_reg", True),
     )
+    mixture = parse_mixture(args.mixture or "softmax", defaults)
     fields = set(FinetuneConfig.__dataclass_fields__) - {"seed", "threads", "mixture"}
     cfg = FinetuneConfig(
         **{k: v for k, v in o.items() if k in fields},
@@ -200,22 +227,53 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from mop.report import write_main_table
-    from mop.tracking import default_tracking_uri, sync_all
+    from mop import report
 
-    table = write_main_table(args.results, args.out)
-    _log(f"report: {table}")
+    runs = report.load_runs(args.runs) if args.runs else None
+    what = args.what
+    if what == "table1":
+        paths = report.table_main(runs).write(args.out, "main")
+    elif what == "table2":
+        paths = report.table_kgs(args.stats).write(args.out, "table2_kgs")
+    elif what == "table3":
+        paths = report.table_shuffle(args.stats).write(args.out, "table3_shuffle")
+    elif what == "table4":
+        paths = report.table_k(runs, args.stats).write(args.out, "table4_partitions")
+    elif what == "table6":
+        paths = report.table_mixtures(runs).write(args.out, "table6_mixtures")
+    elif what == "figure2":
+        single = report.load_runs(args.single_runs) if args.single_runs else None
+        paths = report.figure_adapters(args.adapters, args.out, single)
+    elif what == "figure3":
+        paths = report.figure_shuffle(runs, args.out)
+    elif what == "figure4":
+        paths = report.figure_mixture(args.mixture, args.out)
+    else:
+        raise MopError(f"unknown report {what!r}")
+    _log(f"report {what}: {', '.join(str(p) for p in paths)}")
+
+
+def cmd_publish(args: argparse.Namespace) -> None:
+    """Sync every run record to MLflow and log the tables and figures as a report run."""
+    from mop.tracking import Tracker, default_tracking_uri, sync_all
+
+    tracker = Tracker(
+        Path(args.results) / "report",
+        experiment=args.experiment,
+        run_name="report",
+        tags={"stage": "report"},
+        params={},
+        results_dir=args.results,
+    )
+    for path in args.artifacts:
+        tracker.log_artifact(path)
+    tracker.finish()
+    uri = default_tracking_uri(args.results)
     try:
-        counts = sync_all(args.results, default_tracking_uri(args.results))
-        _log(f"MLflow runs: {counts}")
-    except Exception as exc:  # the table is written; tracking can catch up later
-        _log(f"MLflow not reachable ({exc}); run `mop track sync` later")
-
-
-def cmd_partition_table(args: argparse.Namespace) -> None:
-    from mop.report import write_retained_table
-
-    _log(f"partition table: {write_retained_table(args.stats, args.out)}")
+        counts = sync_all(args.results, uri)
+        _log(f"MLflow ({uri}): {counts}")
+    except Exception as exc:  # the tables are written; tracking can catch up later
+        _log(f"MLflow not reachable at {uri} ({exc}); run `mop track sync` later")
 
 
 def cmd_track(args: argparse.Namespace) -> None:
@@ -268,13 +326,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.add_argument("--options", type=_json, required=True)
     p.add_argument("--out", required=True)
+    _tracking_args(p)
     p.set_defaults(func=cmd_kg)
+
+    p = sub.add_parser(
+        "export-openke", help="write a KG and its partitions in the authors' OpenKE format"
+    )
+    p.add_argument("--kg", required=True, help="a KG folder")
+    p.add_argument("--partition", nargs="*", default=[], help="partition folders of that KG")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export_openke)
 
     p = sub.add_parser("partition", help="METIS K-way partition of a KG")
     p.add_argument("--kg", required=True)
     p.add_argument("--k", type=int, required=True)
     p.add_argument("--shuffle", type=float, default=0.0)
     p.add_argument("--options", type=_json, default={})
+    p.add_argument("--given", help="an OpenKE folder whose partition_<K>.txt replaces METIS")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_partition)
 
@@ -307,6 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_task)
 
+    p = sub.add_parser(
+        "pubmedqa-folds",
+        help="write PubMedQA's official test set and 10 folds from ori_pqal.json",
+    )
+    p.add_argument("ori_pqal")
+    p.add_argument("--out", required=True, help="folder for test_set.json and pqal_fold*/")
+    p.add_argument("--seed", type=int, default=0, help="the official recipe's seed is 0")
+    p.set_defaults(func=cmd_pubmedqa_folds)
+
     p = sub.add_parser("finetune", help="fine-tune on a task with one method and seed")
     p.add_argument("--task", required=True)
     p.add_argument("--task-dir", required=True)
@@ -321,17 +398,24 @@ def build_parser() -> argparse.ArgumentParser:
     _tracking_args(p)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("report", help="tables from every finished run")
-    p.add_argument("--results", default="results")
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("report", help="a table or figure of the paper from finished runs")
+    p.add_argument(
+        "what",
+        choices=["table1", "table2", "table3", "table4", "table6", "figure2", "figure3", "figure4"],
+    )
+    p.add_argument("--runs", nargs="*", help="metrics.json files of fine-tuning runs")
+    p.add_argument("--stats", nargs="*", help="stats.json files of KGs or partitions")
+    p.add_argument("--adapters", nargs="*", help="metrics.json files of adapters")
+    p.add_argument("--single-runs", nargs="*", help="metrics.json of single-adapter runs")
+    p.add_argument("--mixture", help="mixture.parquet of a MoP run")
+    p.add_argument("--out", required=True, help="folder (tables) or path stem (figures)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser(
-        "partition-table", help="training triples per shuffle rate (the paper's Table 3)"
-    )
-    p.add_argument("--stats", nargs="+", required=True, help="partition stats.json files")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_partition_table)
+    p = sub.add_parser("publish", help="sync runs to MLflow and log tables and figures")
+    p.add_argument("--results", default="results")
+    p.add_argument("--experiment", default="mop")
+    p.add_argument("--artifacts", nargs="*", default=[])
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("track", help="log run records that MLflow does not hold yet")
     p.add_argument("action", choices=["sync"])
@@ -348,11 +432,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    label = " ".join(x for x in (args.command, getattr(args, "what", None)) if x)
+    start = time.perf_counter()
+    _log(f"start {label}")
     try:
         args.func(args)
     except MopError as exc:
         print(f"mop: error: {exc}", file=sys.stderr)
         return 1
+    except FileNotFoundError as exc:
+        print(f"mop: error: {exc.filename or exc}: file not found", file=sys.stderr)
+        return 1
+    _log(f"done {label} in {time.perf_counter() - start:.1f} s")
     return 0
 
 

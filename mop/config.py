@@ -3,7 +3,10 @@
 `validate_config` applies `workflow/schemas/config.schema.yaml` through Snakemake's own
 `validate` (which also fills in defaults) and turns its error into one line naming the
 key. `preflight` then checks what a schema cannot: that model aliases resolve offline,
-that names used across sections exist, and that K does not exceed a KG's entity count.
+that names used across sections exist, that K does not exceed a KG's entity count (when
+the KG is built or cheap to build: a KG's source files are not required, so a dry run can
+show the DAG before a UMLS release is in place), and that every downstream task to run has
+its data files (a missing dataset names where it comes from and its licence).
 Both run in the Snakefile before the DAG is built, and in `mop check-config`.
 """
 
@@ -73,6 +76,64 @@ def kg_entity_count(name: str, kg_cfg: dict[str, Any], results: Path) -> int | N
     return None
 
 
+def task_training(config: dict[str, Any], task: str) -> dict[str, Any]:
+    """The `finetune` section with the task's own training settings (`tasks.<task>.finetune`)."""
+    own = config["tasks"].get(task, {}).get("finetune", {})
+    return {**config["finetune"], **own}
+
+
+def task_seeds(config: dict[str, Any], task: str) -> list[int]:
+    return list(task_training(config, task)["seeds"])
+
+
+def task_data_options(config: dict[str, Any], task: str) -> dict[str, Any]:
+    """A data task's settings for its prepare step (training settings left out, so changing
+    a learning rate does not re-run data preparation)."""
+    return {k: v for k, v in config["tasks"].get(task, {}).items() if k != "finetune"}
+
+
+def task_run_dir(config: dict[str, Any], task: str, seed: int | str) -> str:
+    """The prepared data one run reads: fold `seed` for cross-validated tasks (PubMedQA)."""
+    from mop.tasks import get_task
+
+    root = f"{config['results']}/tasks/{task}"
+    return f"{root}/fold{seed}" if get_task(task).folds else root
+
+
+def check_tasks(config: dict[str, Any]) -> None:
+    """Every task to fine-tune has settings, its data files, and seeds that fit its folds.
+
+    All missing datasets are reported at once (one line each), so a user setting up the
+    paper's grid learns in one go what to fetch and under which licence.
+    """
+    from mop.tasks import DATA_TASKS, check_data, get_task
+
+    missing = []
+    for task in config["finetune"]["tasks"]:
+        if task not in DATA_TASKS:
+            continue
+        options = config["tasks"].get(task)
+        if options is None:
+            missing.append(
+                f"config key tasks.{task}: finetune.tasks lists {task} but it has no settings "
+                f"(tasks.{task}.path: the folder with its data). {get_task(task).source}"
+            )
+            continue
+        try:
+            check_data(task, options)
+        except MopError as exc:
+            missing.append(str(exc))
+        folds = get_task(task).folds
+        bad = [s for s in task_seeds(config, task) if folds and not 0 <= s < folds]
+        if bad:
+            raise MopError(
+                f"config key tasks.{task}.finetune.seeds: {bad} - the run with seed i trains "
+                f"on fold i, so seeds must be 0..{folds - 1}"
+            )
+    if missing:
+        raise MopError("\n".join(missing))
+
+
 def preflight(config: dict[str, Any]) -> None:
     """Checks that need more than the schema; raise MopError on the first problem."""
     from mop.models import resolve_model
@@ -82,8 +143,12 @@ def preflight(config: dict[str, Any]) -> None:
         safe_name(alias, f"models.{alias}")
     for alias in config["base_models"]:
         resolve_model(alias, config["models"])
-    for name in config["kgs"]:
+    for name, kg_cfg in config["kgs"].items():
         safe_name(name, f"kgs.{name}")
+        for key in ("path", "entities", "relations"):
+            value = kg_cfg.get(key)
+            if isinstance(value, str) and not Path(value).exists():
+                raise MopError(f"config key kgs.{name}.{key}: {value} does not exist")
     ft = config["finetune"]
     for name in ft.get("kgs") or []:
         if name not in config["kgs"]:
@@ -111,6 +176,7 @@ def preflight(config: dict[str, Any]) -> None:
         if probe["kg"] not in config["kgs"]:
             raise MopError(f"config key tasks.probe.kg: unknown KG {probe['kg']!r}")
         ks.add(probe["k"])
+    check_tasks(config)
     results = Path(config["results"])
     for name, kg_cfg in config["kgs"].items():
         n = kg_entity_count(name, kg_cfg, results)

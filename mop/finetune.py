@@ -1,5 +1,9 @@
 """Fine-tuning on a downstream task, one loop for every task and method.
 
+Tasks supply data, head kind and metric (see mop.tasks): single-label (softmax +
+cross-entropy), multi-label (sigmoid + binary cross-entropy, threshold 0.5) and
+multiple-choice (one score per option from the same head, softmax over the options).
+
 Methods:
 - `base`: the plain base model, everything trained;
 - `adapter`: the base model with one pretrained partition adapter, everything trained;
@@ -63,37 +67,100 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class EncodedSplit:
+    """A tokenized split: one sequence per example, or per (example, option) for choice tasks.
+
+    For choice tasks the sequences of example i are rows i * choices ... i * choices +
+    choices - 1, so a batch of examples maps to its sequence rows with `rows`.
+    """
+
     ids: list[str]
     seqs: Sequences
-    labels: np.ndarray
+    labels: np.ndarray  # (n,) class / option index, or (n, labels) 0/1 for multi-label
     frame: pl.DataFrame
+    choices: int = 1
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Per example: the longest of its sequences (for length bucketing)."""
+        return self.seqs.lengths.reshape(len(self), self.choices).max(1)
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        return (idx[:, None] * self.choices + np.arange(self.choices)[None, :]).ravel()
 
 
-def encode_split(frame: pl.DataFrame, tokenizer: Any, max_length: int) -> EncodedSplit:
-    """Tokenize a split once: (text_a, text_b) pairs, truncated to max_length."""
-    a = frame["text_a"].to_list()
-    b = frame["text_b"].to_list() if "text_b" in frame.columns else [None] * len(a)
+def _tokenize(tokenizer: Any, a: list[str], b: list[str | None], max_length: int) -> Sequences:
     if all(x is None for x in b):
         enc = tokenizer(a, truncation=True, max_length=max_length)
     else:
         enc = tokenizer(a, [x or "" for x in b], truncation="longest_first", max_length=max_length)
-    seqs = Sequences.from_series(pl.Series(enc["input_ids"], dtype=pl.List(pl.Int32)))
-    return EncodedSplit(
-        frame["id"].to_list(), seqs, frame["label"].to_numpy().astype(np.int64), frame
-    )
+    return Sequences.from_series(pl.Series(enc["input_ids"], dtype=pl.List(pl.Int32)))
+
+
+def encode_split(
+    frame: pl.DataFrame, tokenizer: Any, max_length: int, kind: str = "single"
+) -> EncodedSplit:
+    """Tokenize a split once, truncated to max_length.
+
+    single / multi: the pair (text_a, text_b). choice: per option, the pair
+    (text_a + " " + option, the option's retrieved context if any).
+    """
+    ids = frame["id"].to_list()
+    a = frame["text_a"].to_list()
+    if kind == "choice":
+        choices = frame["choices"].to_list()
+        width = len(choices[0])
+        if any(len(c) != width for c in choices):
+            raise MopError("finetune: every question of a choice task needs the same options")
+        contexts = (
+            frame["contexts"].to_list()
+            if "contexts" in frame.columns
+            else [[None] * width] * len(a)
+        )
+        pair_a = [f"{q} {c}" for q, opts in zip(a, choices, strict=True) for c in opts]
+        pair_b = [x or None for ctx in contexts for x in ctx]
+        seqs = _tokenize(tokenizer, pair_a, pair_b, max_length)
+        labels = frame["label"].to_numpy().astype(np.int64)
+        return EncodedSplit(ids, seqs, labels, frame, width)
+    b = frame["text_b"].to_list() if "text_b" in frame.columns else [None] * len(a)
+    seqs = _tokenize(tokenizer, a, b, max_length)
+    if kind == "multi":
+        labels = np.asarray(frame["label"].to_list(), dtype=np.int64)
+    else:
+        labels = frame["label"].to_numpy().astype(np.int64)
+    return EncodedSplit(ids, seqs, labels, frame)
+
+
+def check_labels(task: TaskSpec, split: EncodedSplit, path: Path) -> None:
+    """Labels must fit the head: classes, 0/1 vectors of the task's width, or option indices."""
+    if task.kind == "multi":
+        if split.labels.ndim != 2 or split.labels.shape[1] != task.num_labels:
+            raise MopError(f"{path}: labels must be 0/1 lists of length {task.num_labels}")
+        bad = ((split.labels != 0) & (split.labels != 1)).any(1)
+        limit = 1
+    else:
+        limit = split.choices - 1 if task.kind == "choice" else task.num_labels - 1
+        bad = (split.labels < 0) | (split.labels > limit)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise MopError(
+            f"{path}: row {row} has label {split.labels[row].tolist()} outside 0..{limit}"
+        )
 
 
 class Classifier(torch.nn.Module):
     """Encoder (with any active adapters / fusion) + dropout + linear head."""
 
-    def __init__(self, encoder: torch.nn.Module, num_labels: int, dropout: float, pooling: str):
+    def __init__(self, encoder: torch.nn.Module, outputs: int, dropout: float, pooling: str):
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise MopError(f"finetune.pooling: {pooling!r} is not cls or mean")
         self.encoder = encoder
         self.pooling = pooling
         self.dropout = torch.nn.Dropout(dropout)
-        self.head = torch.nn.Linear(encoder.config.hidden_size, num_labels)
+        self.head = torch.nn.Linear(encoder.config.hidden_size, outputs)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_mixture: bool = False
@@ -139,7 +206,7 @@ def build_classifier(
             fusion_name = add_mixture(encoder, names, cfg.mixture).name
     elif method != "base":
         raise MopError(f"finetune: unknown method {method!r} (base, adapter, mop)")
-    return Classifier(encoder, task.num_labels, cfg.dropout, cfg.pooling), fusion_name
+    return Classifier(encoder, task.head_size, cfg.dropout, cfg.pooling), fusion_name
 
 
 def _param_groups(model: Classifier, cfg: FinetuneConfig) -> list[dict]:
@@ -175,35 +242,83 @@ def _param_groups(model: Classifier, cfg: FinetuneConfig) -> list[dict]:
     ]
 
 
+def task_loss(task: TaskSpec, logits: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
+    """Cross-entropy over classes or options; binary cross-entropy per label for multi-label."""
+    target = torch.from_numpy(labels)
+    if task.kind == "multi":
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, target.float())
+    return torch.nn.functional.cross_entropy(logits.view(len(labels), -1), target)
+
+
+def scores_to_probs(task: TaskSpec, logits: torch.Tensor, n: int) -> torch.Tensor:
+    """Per example: class probabilities, per-label probabilities, or option probabilities."""
+    logits = logits.float().view(n, -1)
+    return torch.sigmoid(logits) if task.kind == "multi" else torch.softmax(logits, -1)
+
+
 @torch.no_grad()
 def predict(
     model: Classifier,
+    task: TaskSpec,
     split: EncodedSplit,
     pad_id: int,
     batch_size: int,
     fusion_name: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Class probabilities per example (and final-layer [CLS] mixture weights with fusion)."""
+    """Probabilities per example (and final-layer [CLS] mixture weights per sequence)."""
     model.eval()
-    probs = np.zeros((len(split.seqs), model.head.out_features), dtype=np.float32)
+    width = split.choices if task.kind == "choice" else task.head_size
+    probs = np.zeros((len(split), width), dtype=np.float32)
     mix = None
-    for idx in sequential_batches(len(split.seqs), batch_size, split.seqs.lengths):
-        ids, mask = split.seqs.pad(idx, pad_id)
+    for idx in sequential_batches(len(split), batch_size, split.lengths):
+        rows = split.rows(idx)
+        ids, mask = split.seqs.pad(rows, pad_id)
         logits, att = model(ids, mask, output_mixture=fusion_name is not None)
-        probs[idx] = torch.softmax(logits.float(), -1).numpy()
+        probs[idx] = scores_to_probs(task, logits, idx.size).numpy()
         if att is not None:
             layers = att[fusion_name]
             last = layers[max(layers)]["output_adapter"]
             if mix is None:
                 mix = np.zeros((len(split.seqs), last.shape[-1]), dtype=np.float32)
-            mix[idx] = last[:, 0, :]
+            mix[rows] = last[:, 0, :]
     return probs, mix
 
 
 def evaluate(task: TaskSpec, split: EncodedSplit, probs: np.ndarray) -> tuple[dict, pl.DataFrame]:
-    frame = pl.DataFrame({"id": split.ids, "label": split.labels, "pred": probs.argmax(1)})
-    frame = frame.with_columns(pl.Series("prob", probs.tolist(), dtype=pl.List(pl.Float32)))
+    """The task's metrics and the per-example frame (id, label, pred, prob, metric columns)."""
+    if task.kind == "multi":
+        label = pl.Series("label", split.labels.tolist(), dtype=pl.List(pl.Int64))
+        pred = pl.Series("pred", (probs >= 0.5).astype(np.int64).tolist(), dtype=pl.List(pl.Int64))
+    else:
+        label = pl.Series("label", split.labels)
+        pred = pl.Series("pred", probs.argmax(1).astype(np.int64))
+    frame = pl.DataFrame(
+        [
+            pl.Series("id", split.ids, dtype=pl.String),
+            label,
+            pred,
+            pl.Series("prob", probs.tolist(), dtype=pl.List(pl.Float32)),
+        ]
+    )
+    if task.metric_columns:
+        frame = pl.concat([frame, split.frame.select(task.metric_columns)], how="horizontal")
     return task.metric(frame), frame
+
+
+def mixture_frame(split: EncodedSplit, mix: np.ndarray) -> pl.DataFrame:
+    """One row per sequence: example id (and option index for choice tasks), weights, text."""
+    frame = pl.DataFrame(
+        {
+            "id": np.repeat(np.asarray(split.ids, dtype=object), split.choices).tolist(),
+            "weights": pl.Series(mix.tolist(), dtype=pl.List(pl.Float32)),
+            "text": np.repeat(
+                np.asarray(split.frame["text_a"].to_list(), dtype=object), split.choices
+            ).tolist(),
+        }
+    )
+    if split.choices > 1:
+        frame = frame.with_columns(choice=pl.Series(np.tile(np.arange(split.choices), len(split))))
+    return frame
 
 
 def finetune(
@@ -226,16 +341,11 @@ def finetune(
         path = Path(task_dir) / f"{s}.parquet"
         if not path.is_file():
             raise MopError(f"{path}: task split not found (run the task's prepare step)")
-        data[s] = encode_split(pl.read_parquet(path), tokenizer, cfg.max_length)
-        bad = (data[s].labels < 0) | (data[s].labels >= task.num_labels)
-        if bad.any():
-            raise MopError(
-                f"{path}: row {int(np.argmax(bad))} has label "
-                f"{int(data[s].labels[bad][0])} outside 0..{task.num_labels - 1}"
-            )
+        data[s] = encode_split(pl.read_parquet(path), tokenizer, cfg.max_length, task.kind)
+        check_labels(task, data[s], path)
     model, fusion_name = build_classifier(spec, task, method, adapter_dirs, cfg)
     train = data["train"]
-    steps_per_epoch = math.ceil(len(train.seqs) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     optimizer = torch.optim.AdamW(_param_groups(model, cfg))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup * total), total)
@@ -245,12 +355,12 @@ def finetune(
     for epoch in range(cfg.epochs):
         model.train()
         losses = []
-        batches = bucketed_batches(train.seqs.lengths, cfg.batch_size, cfg.seed, epoch)
+        batches = bucketed_batches(train.lengths, cfg.batch_size, cfg.seed, epoch)
         for idx in tqdm(batches, desc=f"finetune {out.name} epoch {epoch}", mininterval=5):
             tick = time.perf_counter()
-            ids, mask = train.seqs.pad(idx, tokenizer.pad_token_id)
+            ids, mask = train.seqs.pad(train.rows(idx), tokenizer.pad_token_id)
             logits, _ = model(ids, mask)
-            loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(train.labels[idx]))
+            loss = task_loss(task, logits, train.labels[idx])
             if fusion_name is not None:
                 if cfg.mixture.fusion_reg:
                     reg = model.encoder.get_fusion_regularization_loss()
@@ -269,7 +379,7 @@ def finetune(
             step += 1
             seen += idx.size
             seconds += time.perf_counter() - tick
-        dev_probs, _ = predict(model, data["dev"], tokenizer.pad_token_id, cfg.batch_size * 4)
+        dev_probs, _ = predict(model, task, data["dev"], tokenizer.pad_token_id, cfg.batch_size * 4)
         dev_metrics, _ = evaluate(task, data["dev"], dev_probs)
         score = dev_metrics[task.main_metric]
         entry = {
@@ -303,6 +413,7 @@ def finetune(
     for s in SPLITS:
         probs, mix = predict(
             model,
+            task,
             data[s],
             tokenizer.pad_token_id,
             cfg.batch_size * 4,
@@ -312,13 +423,11 @@ def finetune(
         results[s] = metrics
         frames.append(frame.with_columns(split=pl.lit(s)))
         if mix is not None:
-            mixture = pl.DataFrame({"id": data[s].ids}).with_columns(
-                pl.Series("weights", mix.tolist(), dtype=pl.List(pl.Float32)),
-                text=data[s].frame["text_a"],
-            )
+            mixture = mixture_frame(data[s], mix)
     metrics = {
         "task": task.name,
         "method": method,
+        "seed": cfg.seed,
         "main_metric": task.main_metric,
         "best_epoch": best["epoch"],
         "epochs_run": len(history),

@@ -19,7 +19,8 @@ evaluation; these are the fixes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -43,6 +44,28 @@ class MixtureConfig:
     def __post_init__(self) -> None:
         if self.kind not in MIXTURES:
             raise MopError(f"mixture kind {self.kind!r} is not one of {', '.join(MIXTURES)}")
+
+
+MIXTURE_NAME = re.compile(r"^(softmax|gumbel(-t(?P<tau>[0-9]*\.?[0-9]+))?|moe(-k(?P<k>[0-9]+))?)$")
+
+
+def parse_mixture(name: str, defaults: MixtureConfig | None = None) -> MixtureConfig:
+    """A mixture from its name: `softmax`, `gumbel`, `gumbel-t0.5` (tau), `moe`, `moe-k3`.
+
+    The name carries the hyperparameter that varies in the paper's Table 6; everything else
+    comes from `defaults`.
+    """
+    m = MIXTURE_NAME.match(name)
+    if m is None:
+        raise MopError(f"mixture {name!r} is not softmax, gumbel[-t<tau>] or moe[-k<top k>]")
+    base = defaults or MixtureConfig()
+    kind = name.split("-")[0]
+    out = replace(base, kind=kind)
+    if m.group("tau"):
+        out = replace(out, tau=float(m.group("tau")))
+    if m.group("k"):
+        out = replace(out, top_k=int(m.group("k")))
+    return out
 
 
 class MixtureFusion(BertFusion):

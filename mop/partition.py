@@ -32,12 +32,15 @@ import pymetis
 import scipy.sparse as sp
 
 from mop.errors import MopError
-from mop.io import require_file, write_json, write_parquet
+from mop.io import write_json, write_parquet
+from mop.kg import TRIPLE_SCHEMA, read_table
 
 ISOLATED_PLACEMENT = (
     "isolated vertices to METIS: placed where they balance partition sizes; each keeps a "
     "row in its partition's entity head but is never a training target"
 )
+
+MEMBERSHIP_SCHEMA = {"entity": pl.Int32, "partition": pl.Int32, "local": pl.Int32}
 
 
 def entity_graph(triples: pl.DataFrame, num_entities: int, weighted: bool = False) -> sp.csr_array:
@@ -155,15 +158,21 @@ def partition_graph(
     ufactor: int = 30,
     weighted: bool = False,
     shuffle: float = 0.0,
+    given: np.ndarray | None = None,
 ) -> Partition:
     """METIS (then the optional controlled shuffle) and everything later stages need.
 
     The retained triples keep the KG's order (sorted by head, relation, tail for every KG
     the `kg` stage writes); readers select a partition's rows by the `partition` column.
+
+    given: a membership to use instead of METIS (e.g. the authors' `partition_K.txt`).
     """
     n = num_entities
     adj = entity_graph(triples, n, weighted)
-    membership, _ = metis_partition(adj, k, seed=seed, ufactor=ufactor, weighted=weighted)
+    if given is None:
+        membership, _ = metis_partition(adj, k, seed=seed, ufactor=ufactor, weighted=weighted)
+    else:
+        membership = np.asarray(given, dtype=np.int32)
     if shuffle > 0:
         membership = shuffle_membership(membership, shuffle, seed)
     sizes = np.bincount(membership, minlength=k)
@@ -238,10 +247,15 @@ def read_graph(kg_dir: str | Path) -> tuple[pl.DataFrame, int]:
     Entity ids out of range would make METIS read out of bounds; they are refused here.
     """
     d = Path(kg_dir)
-    entities = require_file(d / "entities.parquet", "entities table")
-    triples_file = require_file(d / "triples.parquet", "triples table")
-    n = pq.read_metadata(entities).num_rows
-    triples = pl.read_parquet(triples_file, columns=["head", "relation", "tail"])
+    triples_file = d / "triples.parquet"
+    triples = read_table(triples_file, TRIPLE_SCHEMA).select(list(TRIPLE_SCHEMA))
+    entities = d / "entities.parquet"
+    if not entities.is_file():
+        raise MopError(f"{entities}: file not found")
+    try:
+        n = pq.read_metadata(entities).num_rows
+    except (OSError, ValueError) as exc:
+        raise MopError(f"{entities}: not a readable Parquet file ({exc})") from exc
     for col in ("head", "tail"):
         ids = triples[col]
         if ids.null_count() or (triples.height and (ids.min() < 0 or ids.max() >= n)):
@@ -261,11 +275,32 @@ def run_partition(
     ufactor: int = 30,
     weighted: bool = False,
     shuffle: float = 0.0,
+    given: str | Path | None = None,
 ) -> dict:
-    """The partition stage: read a KG folder, write membership, triples and stats."""
+    """The partition stage: read a KG folder, write membership, triples and stats.
+
+    given: an OpenKE folder whose `partition_<k>.txt` replaces METIS.
+    """
     triples, n = read_graph(kg_dir)
+    membership = None
+    if given is not None:
+        from mop.kg.openke import import_partition
+
+        membership = import_partition(given, k, kg_dir)
+        if (membership < 0).any():
+            raise MopError(
+                f"{Path(given) / f'partition_{k}.txt'}: {(membership < 0).sum()} entities "
+                f"of {kg_dir} are in no partition"
+            )
     part = partition_graph(
-        triples, n, k, seed=seed, ufactor=ufactor, weighted=weighted, shuffle=shuffle
+        triples,
+        n,
+        k,
+        seed=seed,
+        ufactor=ufactor,
+        weighted=weighted,
+        shuffle=shuffle,
+        given=membership,
     )
     write_partition(part, out_dir)
     return part.stats

@@ -35,9 +35,10 @@ from transformers import get_linear_schedule_with_warmup
 
 from mop.batching import Sequences, bucketed_batches, sequential_batches
 from mop.errors import MopError
-from mop.io import atomic_dir, atomic_path, write_json
-from mop.kg import read_kg
+from mop.io import atomic_dir, atomic_path, require_file, write_json
+from mop.kg import read_kg, read_table
 from mop.models import ModelSpec, load_base_model, load_tokenizer
+from mop.partition import MEMBERSHIP_SCHEMA
 from mop.tracking import Tracker
 
 MAX_RELATION_TOKENS = 16
@@ -135,22 +136,25 @@ def load_partition_data(
     seed: int = 0,
 ) -> PartitionData:
     """Select partition `part`'s examples from the shared tokens table."""
-    members = pl.read_parquet(Path(partition_dir) / "membership.parquet").filter(
+    members = read_table(Path(partition_dir) / "membership.parquet", MEMBERSHIP_SCHEMA).filter(
         pl.col("partition") == part
     )
+    require_file(tokens_path, "tokens table")
     if members.height == 0:
         raise MopError(f"{partition_dir}: partition {part} does not exist or is empty")
     ids = members["entity"].implode()
-    df = (
-        pl.scan_parquet(tokens_path)
-        .filter(pl.col("head").is_in(ids) & pl.col("tail").is_in(ids))
-        .collect()
-        .join(
-            members.select(pl.col("entity").alias("target"), pl.col("local").alias("label")),
-            on="target",
+    try:
+        df = (
+            pl.scan_parquet(tokens_path)
+            .filter(pl.col("head").is_in(ids) & pl.col("tail").is_in(ids))
+            .collect()
         )
-        .sort(["direction", "head", "relation", "tail"])
-    )
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise MopError(f"{tokens_path}: not a readable tokens table ({exc})") from exc
+    df = df.join(
+        members.select(pl.col("entity").alias("target"), pl.col("local").alias("label")),
+        on="target",
+    ).sort(["direction", "head", "relation", "tail"])
     if df.height == 0:
         raise MopError(f"{partition_dir}: partition {part} has no triples to train on")
     query = (
@@ -352,15 +356,48 @@ def load_checkpoint(
     """Restore a checkpoint written for the same run (same fingerprint), else None."""
     if not (path / "train_state.pt").is_file():
         return None
-    state = torch.load(path / "train_state.pt", weights_only=True)
+    try:
+        state = torch.load(path / "train_state.pt", weights_only=True)
+        trainable = load_file(path / "trainable.safetensors")
+    except Exception as exc:  # any unreadable checkpoint: say which, never guess
+        raise MopError(
+            f"{path}: checkpoint is unreadable ({type(exc).__name__}); delete this folder to "
+            "restart the partition's training from scratch"
+        ) from exc
     if state["position"].get("fingerprint") != fingerprint:
         print(f"mop pretrain: ignoring {path}: written for other data or settings", flush=True)
         return None
-    model.load_state_dict(load_file(path / "trainable.safetensors"), strict=False)
+    model.load_state_dict(trainable, strict=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     return state["position"]
+
+
+def train_step(
+    step_fn: Any,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    autocast: Any,
+    max_grad_norm: float | None = None,
+) -> torch.Tensor:
+    """One optimisation step of the entity-prediction loss (cross-entropy over the
+    partition's entities); returns the loss."""
+    device = next(model.parameters()).device
+    with autocast:
+        logits = step_fn(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
+    loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def run_fingerprint(spec: ModelSpec, data: PartitionData, cfg: PretrainConfig) -> str:
@@ -384,6 +421,7 @@ def pretrain_partition(
     out_dir: str | Path,
     tracker: Tracker | None = None,
     adapter_name: str = "knowledge",
+    source: dict | None = None,
 ) -> dict[str, Any]:
     """Train one partition's adapter and head; write them, a model card and metrics."""
     out = Path(out_dir)
@@ -443,15 +481,9 @@ def pretrain_partition(
             rows = train_rows[batches[b]]
             ids, mask = data.seqs.pad(rows, tokenizer.pad_token_id)
             labels = torch.from_numpy(data.labels[rows])
-            with autocast:
-                logits = step_fn(ids.to(device), mask.to(device))
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
-            loss.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(
+                step_fn, model, optimizer, scheduler, ids, mask, labels, autocast, cfg.max_grad_norm
+            )
             step += 1
             seen += rows.size
             seconds += time.perf_counter() - tick
@@ -516,7 +548,7 @@ def pretrain_partition(
             {"step": s, "loss": lo, "lr": lr, "examples_per_s": eps} for s, lo, lr, eps in history
         ],
     }
-    save_outputs(model, out, adapter_name, metrics, cfg, spec)
+    save_outputs(model, out, adapter_name, metrics, cfg, spec, fingerprint, source)
     shutil.rmtree(ckpt, ignore_errors=True)
     if tracker:
         flat = {f"{split}_{k}": v for split, m in probe.items() for k, v in m.items()}
@@ -533,8 +565,11 @@ def save_outputs(
     metrics: dict,
     cfg: PretrainConfig,
     spec: ModelSpec,
+    data_hash: str,
+    source: dict | None = None,
 ) -> None:
-    """The adapter in the `adapters` format, the head (safetensors), metrics and a card."""
+    """The adapter in the `adapters` format, the head (safetensors), metrics and a card
+    (`source` says which KG and partition the adapter was trained on)."""
     model.cpu()
     with atomic_dir(out / "adapter") as tmp:
         model.encoder.save_adapter(str(tmp), adapter_name, use_safetensors=True)
@@ -549,8 +584,10 @@ def save_outputs(
     write_json(metrics, out / "metrics.json")
     write_json(
         {
+            **(source or {}),
             "model": spec.alias,
             "model_source": spec.identifier(),
+            "data_hash": data_hash,
             "adapter_name": adapter_name,
             "config": asdict(cfg),
             "entities": metrics["entities"],

@@ -1,12 +1,20 @@
-"""Results tables from the runs on disk, laid out like the paper's Table 1.
+"""The paper's tables and figures from the runs on disk.
 
 Every fine-tuning run folder holds `run.json` (its tags: task, model, method, KG, K,
-mixture, seed) and `metrics.json`; the report reads only those, so it can be rebuilt at
-any time and never depends on the tracking server.
+scheme, mixture, seed) and `metrics.json`; adapters hold `metrics.json` with their
+knowledge-probe scores; KGs and partitions hold `stats.json`. The report reads only those
+files (the rules pass the exact list), so it can be rebuilt at any time and never depends
+on the tracking server.
+
+Tables are written as Markdown, CSV (the same layout with numeric columns) and LaTeX;
+figures as PNG and PDF.
 """
 
 from __future__ import annotations
 
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,32 +22,21 @@ import polars as pl
 from scipy import stats
 
 from mop.errors import MopError
-from mop.io import atomic_path, read_json, require_file
+from mop.io import atomic_path, read_json
 
-RUN_COLUMNS = [
-    "task",
-    "model",
-    "method",
-    "mixture",
-    "kg",
-    "k",
-    "scheme",
-    "seed",
-    "metric",
-    "dev",
-    "test",
-]
+SETUP = ["task", "model", "method", "mixture", "kg", "k", "scheme"]
 
 
-def collect_runs(results: str | Path) -> pl.DataFrame:
-    """One row per finished fine-tuning run (test and dev value of the task's main metric)."""
+# ----------------------------------------------------------------------------- runs
+
+
+def load_runs(metric_files: Sequence[str | Path]) -> pl.DataFrame:
+    """One row per fine-tuning run: its tags and the dev/test value of its main metric."""
     rows = []
-    for run_file in sorted(Path(results, "finetune").rglob("run.json")):
-        metrics_file = run_file.with_name("metrics.json")
-        if not metrics_file.is_file():
-            continue
-        tags = read_json(run_file)["tags"]
-        m = read_json(metrics_file)
+    for path in metric_files:
+        path = Path(path)
+        tags = read_json(path.with_name("run.json"))["tags"]
+        m = read_json(path)
         main = m["main_metric"]
         rows.append(
             {
@@ -50,10 +47,13 @@ def collect_runs(results: str | Path) -> pl.DataFrame:
                 "kg": tags.get("kg", ""),
                 "k": int(tags["k"]) if tags.get("k") else None,
                 "scheme": tags.get("scheme", ""),
+                "partition": int(tags["partition"]) if tags.get("partition") else None,
                 "seed": int(tags["seed"]),
                 "metric": main,
+                "train": m.get(f"train_{main}"),
                 "dev": m[f"dev_{main}"],
                 "test": m[f"test_{main}"],
+                "folder": str(path.parent),
             }
         )
     schema = {
@@ -64,134 +64,438 @@ def collect_runs(results: str | Path) -> pl.DataFrame:
         "kg": pl.String,
         "k": pl.Int64,
         "scheme": pl.String,
+        "partition": pl.Int64,
         "seed": pl.Int64,
         "metric": pl.String,
+        "train": pl.Float64,
         "dev": pl.Float64,
         "test": pl.Float64,
+        "folder": pl.String,
     }
     return pl.DataFrame(rows, schema=schema)
 
 
-def row_label(model: str, method: str, kg: str, mixture: str, mixtures: int) -> str:
-    if method == "base":
-        return model
-    mix = f", {mixture}" if mixtures > 1 else ""
-    return f"+ MoP ({kg}{mix})" if method == "mop" else f"+ {method} ({kg})"
+def shuffle_rate(scheme: str) -> float:
+    return 0.0 if scheme in ("metis", "") else float(scheme.removeprefix("shuffle"))
 
 
-def summarise(runs: pl.DataFrame) -> pl.DataFrame:
-    """Mean, std (sample, ddof=1) and n of the test metric per (model, setup, task), with
-    the two-sided Welch t-test p-value against the same model's base runs."""
-    groups = runs.group_by(
-        ["task", "model", "method", "mixture", "kg", "k", "scheme"], maintain_order=True
-    ).agg(pl.col("test"), pl.col("seed"))
-    rows = []
-    for g in groups.iter_rows(named=True):
-        values = np.asarray(g["test"], dtype=float) * 100
-        base = (
-            runs.filter(
-                (pl.col("task") == g["task"])
-                & (pl.col("model") == g["model"])
-                & (pl.col("method") == "base")
-            )["test"].to_numpy()
-            * 100
+# ----------------------------------------------------------------------------- cells
+
+
+@dataclass
+class Cell:
+    """mean ± std over n seeds (x100), with the paper's marks against the base model."""
+
+    values: np.ndarray
+    base: np.ndarray | None = None
+    bold: bool = False
+
+    @property
+    def mean(self) -> float:
+        return float(self.values.mean())
+
+    @property
+    def std(self) -> float:
+        return float(self.values.std(ddof=1)) if self.values.size > 1 else 0.0
+
+    @property
+    def p_value(self) -> float | None:
+        """Two-sided Welch t-test against the base model's runs."""
+        if self.base is None or self.values.size < 2 or self.base.size < 2:
+            return None
+        return float(stats.ttest_ind(self.values, self.base, equal_var=False).pvalue)
+
+    @property
+    def up(self) -> bool:
+        return self.base is not None and self.base.size > 0 and self.mean > self.base.mean()
+
+    @property
+    def dagger(self) -> bool:
+        p = self.p_value
+        return self.up and p is not None and p < 0.05
+
+    def _text(self, dagger: str, pm: str, up: str) -> str:
+        return (
+            f"{self.mean:.2f}{dagger if self.dagger else ''}{pm}{self.std:.2f}"
+            f"{up if self.up else ''}"
         )
-        p = None
-        if g["method"] != "base" and len(values) > 1 and len(base) > 1:
-            p = float(stats.ttest_ind(values, base, equal_var=False).pvalue)
-        rows.append(
-            {
-                **{k: g[k] for k in ("task", "model", "method", "mixture", "kg", "k", "scheme")},
-                "n": len(values),
-                "mean": float(values.mean()),
-                "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                "base_mean": float(base.mean()) if len(base) else None,
-                "p_value": p,
-            }
-        )
-    return pl.DataFrame(rows)
+
+    def markdown(self) -> str:
+        text = self._text("†", " ± ", " ↑")
+        return f"**{text}**" if self.bold else text
+
+    def latex(self) -> str:
+        text = self._text(r"$^\dagger$", r" $\pm$ ", r" $\uparrow$")
+        return rf"\textbf{{{text}}}" if self.bold else text
 
 
-def format_cell(mean: float, std: float, n: int, base_mean: float | None, p: float | None) -> str:
-    up = " ↑" if base_mean is not None and p is not None and mean > base_mean else ""
-    dagger = "†" if p is not None and p < 0.05 and mean > (base_mean or 0) else ""
-    return f"{mean:.2f}{dagger} ± {std:.2f}{up} (n={n})"
+@dataclass
+class Table:
+    """A results table: a header, rows of strings or cells, and a caption."""
 
+    name: str
+    caption: str
+    header: list[str]
+    rows: list[list[str | Cell]] = field(default_factory=list)
 
-def main_table(summary: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
-    tasks = sorted(summary["task"].unique().to_list())
-    mixtures = summary.filter(pl.col("method") == "mop")["mixture"].n_unique()
-    order = summary.select("model", "method", "kg", "mixture").unique(maintain_order=True)
-    order = order.with_columns(is_base=pl.col("method") != "base").sort(
-        ["model", "is_base", "kg", "mixture"]
-    )
-    header = ["Model", *tasks]
-    body = []
-    for r in order.iter_rows(named=True):
-        cells = [row_label(r["model"], r["method"], r["kg"], r["mixture"], mixtures)]
-        for task in tasks:
-            hit = summary.filter(
-                (pl.col("task") == task)
-                & (pl.col("model") == r["model"])
-                & (pl.col("method") == r["method"])
-                & (pl.col("kg") == r["kg"])
-                & (pl.col("mixture") == r["mixture"])
+    def bold_best(self, first: int = 1) -> None:
+        """Bold the highest mean of every cell column (ties all bold)."""
+        for j in range(first, len(self.header)):
+            cells = [r[j] for r in self.rows if isinstance(r[j], Cell)]
+            if cells:
+                best = max(c.mean for c in cells)
+                for c in cells:
+                    c.bold = np.isclose(c.mean, best)
+
+    def markdown(self) -> str:
+        def fmt(x: str | Cell) -> str:
+            return x.markdown() if isinstance(x, Cell) else x
+
+        lines = ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
+        lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in self.rows]
+        return "\n".join(lines) + "\n\n" + self.caption + "\n"
+
+    def latex(self) -> str:
+        def esc(text: str) -> str:
+            for a, b in (
+                ("\\", r"\textbackslash{}"),
+                ("&", r"\&"),
+                ("%", r"\%"),
+                ("_", r"\_"),
+                ("#", r"\#"),
+                ("±", r"$\pm$"),
+            ):
+                text = text.replace(a, b)
+            return text
+
+        def fmt(x: str | Cell) -> str:
+            return x.latex() if isinstance(x, Cell) else esc(x)
+
+        cols = "l" + "c" * (len(self.header) - 1)
+        body = [" & ".join(esc(h) for h in self.header) + r" \\", r"\midrule"]
+        body += [" & ".join(fmt(x) for x in row) + r" \\" for row in self.rows]
+        return (
+            "\n".join(
+                [
+                    r"\begin{table}[t]",
+                    r"\centering",
+                    rf"\begin{{tabular}}{{{cols}}}",
+                    r"\toprule",
+                    *body,
+                    r"\bottomrule",
+                    r"\end{tabular}",
+                    rf"\caption{{{esc(self.caption)}}}",
+                    rf"\label{{tab:{self.name}}}",
+                    r"\end{table}",
+                ]
             )
-            if hit.height == 0:
-                cells.append("-")
+            + "\n"
+        )
+
+    def frame(self) -> pl.DataFrame:
+        """The same layout with numbers: a cell column becomes _mean, _std, _n, _p columns."""
+        data: dict[str, list] = {}
+        for j, h in enumerate(self.header):
+            column = [r[j] for r in self.rows]
+            if any(isinstance(x, Cell) for x in column):
+                data[f"{h}_mean"] = [x.mean if isinstance(x, Cell) else None for x in column]
+                data[f"{h}_std"] = [x.std if isinstance(x, Cell) else None for x in column]
+                data[f"{h}_n"] = [x.values.size if isinstance(x, Cell) else None for x in column]
+                data[f"{h}_p"] = [x.p_value if isinstance(x, Cell) else None for x in column]
             else:
-                h = hit.row(0, named=True)
-                cells.append(format_cell(h["mean"], h["std"], h["n"], h["base_mean"], h["p_value"]))
-        body.append(cells)
-    return header, body
+                data[h] = column
+        return pl.DataFrame(data, strict=False)
+
+    def write(self, out_dir: str | Path, stem: str | None = None) -> list[Path]:
+        out = Path(out_dir)
+        stem = stem or self.name
+        paths = [out / f"{stem}.md", out / f"{stem}.csv", out / f"{stem}.tex"]
+        with atomic_path(paths[0]) as tmp:
+            tmp.write_text(self.markdown())
+        with atomic_path(paths[1]) as tmp:
+            self.frame().write_csv(tmp)
+        with atomic_path(paths[2]) as tmp:
+            tmp.write_text(self.latex())
+        return paths
 
 
-def to_markdown(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(lines) + "\n"
-
-
-def write_main_table(results: str | Path, out_dir: str | Path) -> Path:
-    """Write `main.md` (Table 1 layout) and `main.csv` (one row per setup, raw numbers)."""
-    runs = collect_runs(results)
-    out = Path(out_dir)
-    summary = summarise(runs) if runs.height else pl.DataFrame()
-    with atomic_path(out / "main.csv") as tmp:
-        summary.write_csv(tmp)
-    note = (
-        "Test metric x 100, mean ± std over seeds (n = number of seeds). ↑: mean above the "
-        "base model's; †: two-sided Welch t-test against the base model's runs, p < 0.05.\n"
-    )
-    header, body = main_table(summary) if runs.height else (["Model"], [])
-    with atomic_path(out / "main.md") as tmp:
-        tmp.write_text("# Results\n\n" + to_markdown(header, body) + "\n" + note)
-    return out / "main.md"
-
-
-# Table 3: training triples kept under controlled shuffling.
-
-TABLE3_NOTE = (
-    "Triples whose head and tail fall into the same partition (the triples adapters train "
-    "on), for METIS partitions whose entities are shuffled at the given rate (paper section "
-    "3.6); in brackets the share of the rate-0 (METIS) count. Rate 100%: a random partition "
-    "with the METIS partition sizes."
+MARKS = (
+    "Test metric x 100, mean ± std over seeds. ↑: mean above the base model's; "
+    "†: two-sided Welch t-test against the base model's runs, p < 0.05; "
+    "bold: best in the column."
 )
 
 
+def _values(runs: pl.DataFrame, **match: object) -> np.ndarray:
+    sel = runs
+    for key, value in match.items():
+        sel = sel.filter(pl.col(key).is_null() if value is None else pl.col(key) == value)
+    return sel["test"].to_numpy() * 100
+
+
+def mop_label(kg: str, mixture: str, several_mixtures: bool) -> str:
+    return f"+ MoP ({kg}, {mixture})" if several_mixtures else f"+ MoP ({kg})"
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def table_main(runs: pl.DataFrame) -> Table:
+    """Table 1: base models and base model + MoP per KG (and mixture) x tasks."""
+    tasks = sorted(runs["task"].unique().to_list())
+    mop = runs.filter(pl.col("method") == "mop")
+    several = mop["mixture"].n_unique() > 1
+    seeds = sorted(runs["seed"].unique().to_list())
+    table = Table("main", f"{MARKS} Seeds: {', '.join(map(str, seeds))}.", ["Model", *tasks])
+    for model in sorted(runs["model"].unique().to_list()):
+        base = {t: _values(runs, model=model, method="base", task=t) for t in tasks}
+        table.rows.append([model, *[Cell(base[t]) if base[t].size else "-" for t in tasks]])
+        setups = mop.filter(pl.col("model") == model).select("kg", "mixture", "k", "scheme")
+        for kg, mixture, k, scheme in (
+            setups.unique().sort(["kg", "mixture", "k", "scheme"]).iter_rows()
+        ):
+            row: list[str | Cell] = [mop_label(kg, mixture, several)]
+            for t in tasks:
+                v = _values(mop, model=model, task=t, kg=kg, mixture=mixture, k=k, scheme=scheme)
+                row.append(Cell(v, base[t]) if v.size else "-")
+            table.rows.append(row)
+    table.bold_best()
+    return table
+
+
+def table_kgs(stats_files: Sequence[str | Path]) -> Table:
+    """Table 2: entities, relations and triples per KG."""
+    table = Table(
+        "kg_stats",
+        "Statistics of the knowledge graphs.",
+        ["KG", "# Entities", "# Relations", "# Triples"],
+    )
+    for path in stats_files:
+        s = read_json(path)
+        table.rows.append(
+            [
+                Path(path).parent.name,
+                f"{s['entities']:,}",
+                f"{s['relations']:,}",
+                f"{s['triples']:,}",
+            ]
+        )
+    return table
+
+
+def table_k(runs: pl.DataFrame, partition_stats: Sequence[str | Path]) -> Table:
+    """Table 4: MoP's task metric per number of partitions (average entities per partition)."""
+    sizes = {}
+    for path in partition_stats:
+        s = read_json(path)
+        sizes[(Path(path).parent.parent.name, s["k"])] = s["entities_mean"]
+    mop = runs.filter((pl.col("method") == "mop") & (pl.col("scheme") == "metis"))
+    tasks = sorted(mop["task"].unique().to_list())
+    table = Table(
+        "partitions_k",
+        "MoP (METIS partitions) over the number of sub-graphs. " + MARKS,
+        ["Model / KG", "# Sub-graphs (avg. # entities)", *tasks],
+    )
+    for (model, kg, mixture), group in mop.group_by(
+        ["model", "kg", "mixture"], maintain_order=True
+    ):
+        for k in sorted(group["k"].unique().to_list()):
+            avg = sizes.get((kg, k))
+            label = f"{k} ({avg:,.0f})" if avg is not None else str(k)
+            cells = [Cell(_values(group, task=t, k=k)) for t in tasks]
+            table.rows.append(
+                [
+                    f"{model} / {kg} / {mixture}",
+                    label,
+                    *[c if c.values.size else "-" for c in cells],
+                ]
+            )
+    table.bold_best(first=2)
+    return table
+
+
+def table_mixtures(runs: pl.DataFrame) -> Table:
+    """Table 6: the mixture variants (and their hyperparameters) x tasks."""
+    mop = runs.filter((pl.col("method") == "mop") & (pl.col("scheme") == "metis"))
+    tasks = sorted(mop["task"].unique().to_list())
+    table = Table(
+        "mixtures", "Mixture layers compared. " + MARKS, ["Model / KG / K", "Mixture", *tasks]
+    )
+    for (model, kg, k), group in mop.group_by(["model", "kg", "k"], maintain_order=True):
+        for mixture in sorted(group["mixture"].unique().to_list()):
+            base = {t: _values(runs, model=model, method="base", task=t) for t in tasks}
+            cells = [Cell(_values(group, task=t, mixture=mixture), base[t]) for t in tasks]
+            table.rows.append(
+                [f"{model} / {kg} / {k}", mixture, *[c if c.values.size else "-" for c in cells]]
+            )
+    table.bold_best(first=2)
+    return table
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _figure_paths(out: str | Path) -> tuple[Path, Path]:
+    out = Path(out)
+    return out.with_suffix(".png"), out.with_suffix(".pdf")
+
+
+def _save(fig, out: str | Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    paths = _figure_paths(out)
+    for path in paths:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=path.suffix[1:], dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return list(paths)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_adapters(
+    adapter_metrics: Sequence[str | Path], out: str | Path, single_runs: pl.DataFrame | None = None
+) -> list[Path]:
+    """Figure 2: per-partition adapter quality (knowledge-probe hits@10, sorted), and the
+    task metric of each adapter fine-tuned alone where those runs exist."""
+    plt = _pyplot()
+    rows = []
+    for path in adapter_metrics:
+        p = Path(path)
+        m = read_json(p)
+        rows.append(
+            {
+                "group": f"{p.parents[3].name} {p.parents[2].name} {p.parents[1].name}",
+                "partition": int(p.parent.name.removeprefix("p")),
+                "hits10": m["probe"]["train"]["hits_at_10"] * 100,
+                "entities": m["entities"],
+            }
+        )
+    frame = pl.DataFrame(rows)
+    groups = frame["group"].unique(maintain_order=True).to_list()
+    panels = len(groups) + (1 if single_runs is not None and single_runs.height else 0)
+    fig, axes = plt.subplots(
+        panels,
+        1,
+        figsize=(max(6, 0.4 * frame.height / len(groups) + 3), 3.2 * panels),
+        squeeze=False,
+    )
+    for ax, group in zip(axes[:, 0], groups, strict=False):
+        g = frame.filter(pl.col("group") == group).sort("hits10", descending=True)
+        ax.bar([str(x) for x in g["partition"]], g["hits10"], color="tab:blue")
+        ax.set_xlabel("Sub-graph (adapter), sorted")
+        ax.set_ylabel("Entity prediction hits@10 (%)")
+        ax.set_title(f"Adapter knowledge per partition: {group}")
+        ax.set_ylim(0, 100)
+    if panels > len(groups):
+        ax = axes[-1, 0]
+        per = (
+            single_runs.group_by(["task", "partition"])
+            .agg(pl.col("test").mean().alias("m"), pl.col("test").std().alias("s"))
+            .sort("m", descending=True)
+        )
+        for task, g in per.group_by("task", maintain_order=True):
+            ax.errorbar(
+                [str(x) for x in g["partition"]],
+                g["m"] * 100,
+                yerr=g["s"].fill_null(0) * 100,
+                fmt="o",
+                capsize=3,
+                label=task[0],
+            )
+        ax.set_xlabel("Sub-graph (adapter), sorted by mean test metric")
+        ax.set_ylabel("Test metric (%)")
+        ax.set_title("Each adapter fine-tuned alone (mean ± std over seeds)")
+        ax.legend()
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def figure_shuffle(runs: pl.DataFrame, out: str | Path) -> list[Path]:
+    """Figure 3: MoP's task metric against the shuffle rate, mean with a ±std band."""
+    plt = _pyplot()
+    mop = runs.filter(pl.col("method") == "mop").with_columns(
+        rate=pl.col("scheme").map_elements(shuffle_rate, return_dtype=pl.Float64)
+    )
+    tasks = sorted(mop["task"].unique().to_list())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for (model, kg), g in mop.filter(pl.col("task") == task).group_by(
+            ["model", "kg"], maintain_order=True
+        ):
+            agg = g.group_by("rate").agg(
+                (pl.col("test").mean() * 100).alias("m"),
+                (pl.col("test").std().fill_null(0) * 100).alias("s"),
+            )
+            agg = agg.sort("rate")
+            x, m, s = agg["rate"].to_numpy() * 100, agg["m"].to_numpy(), agg["s"].to_numpy()
+            ax.plot(x, m, marker="o", label=f"{model} / {kg}")
+            ax.fill_between(x, m - s, m + s, alpha=0.25)
+        ax.set_xlabel("Shuffled entities (%)")
+        ax.set_ylabel("Test metric (%)")
+        ax.set_title(task)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def figure_mixture(
+    mixture_file: str | Path, out: str | Path, n: int = 6, seed: int = 0
+) -> list[Path]:
+    """Figure 4: final-layer [CLS] mixture weights over the adapters for test questions,
+    with the questions printed under the heatmap."""
+    plt = _pyplot()
+    frame = pl.read_parquet(mixture_file)
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(frame.height, size=min(n, frame.height), replace=False))
+    frame = frame[pick.tolist()]
+    weights = np.array(frame["weights"].to_list())
+    labels = [f"Q{i + 1}" for i in range(frame.height)]
+    fig_h = 1.0 + 0.45 * frame.height + 0.3 * frame.height
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * weights.shape[1] + 2), fig_h))
+    im = ax.imshow(weights, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_yticks(range(frame.height), labels)
+    ax.set_xticks(range(weights.shape[1]), [str(i) for i in range(weights.shape[1])])
+    ax.set_xlabel("Sub-graph (adapter)")
+    ax.set_ylabel("Question")
+    ax.set_title("Mixture weight of [CLS] at the last layer")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    questions = "\n".join(
+        f"{lab}  {textwrap.shorten(q, 110)}" for lab, q in zip(labels, frame["text"], strict=True)
+    )
+    fig.text(0.01, -0.02, questions, va="top", ha="left", fontsize=8, family="monospace")
+    return _save(fig, out)
+
+
+# ----------------------------------------------------------------------------- Table 3
+
+SHUFFLE_CAPTION = (
+    "Training triples (head and tail in the same partition) of METIS partitions whose "
+    "entities are shuffled at the given rate (paper section 3.6); in brackets the share of "
+    "the rate-0 (METIS) count. Rate 100%: a random partition with the METIS partition sizes."
+)
 PARTITION_KEYS = ("k", "shuffle", "triples", "triples_retained")
 
 
-def partition_rows(stats_files: list[str | Path]) -> pl.DataFrame:
+def partition_rows(stats_files: Sequence[str | Path]) -> pl.DataFrame:
     """One row per partition stats file: kg, k, shuffle, triples, triples_retained, share.
 
     The KG name is the folder two levels up (`partition/<kg>/k<K>-<scheme>/stats.json`);
-    `share` is the retained count as a percentage of the same KG and K's rate-0 count.
-    Rows keep the order of `stats_files`, which also orders the table's columns.
+    `share` is the retained count in percent of the same KG and K's rate-0 count. Rows
+    keep the order of `stats_files`, which also orders the table's columns.
     """
     rows = []
     for f in stats_files:
-        s = read_json(require_file(f, "partition stats"))
+        if not Path(f).is_file():
+            raise MopError(f"{f}: file not found")
+        s = read_json(f)
         missing = [key for key in PARTITION_KEYS if key not in s]
         if missing:
             raise MopError(f"{f}: not a partition stats file (no {', '.join(missing)})")
@@ -212,13 +516,30 @@ def partition_rows(stats_files: list[str | Path]) -> pl.DataFrame:
     )
 
 
-def retained_table(rows: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """Table 3's layout: a row per shuffle rate, a column per KG (and K, if several)."""
+@dataclass
+class CountTable(Table):
+    """A table of formatted counts whose CSV holds the raw numbers, one row per setup."""
+
+    numbers: pl.DataFrame = field(default_factory=pl.DataFrame)
+
+    def frame(self) -> pl.DataFrame:
+        return self.numbers
+
+
+def table_shuffle(stats_files: Sequence[str | Path]) -> CountTable:
+    """Table 3: retained triples per shuffle rate (rows) and KG (columns; and K if several),
+    cells "count (share of the rate-0 count %)"."""
+    rows = partition_rows(stats_files)
     columns = rows.select("kg", "k").unique(maintain_order=True).rows()
     several_k = len({k for _, k in columns}) > 1
-    header = ["Shuffle rate"] + [f"{kg} (K = {k})" if several_k else kg for kg, k in columns]
-    body = []
-    for rate in sorted(rows["shuffle"].unique().to_list()):
+    ks = ", ".join(str(k) for k in sorted({k for _, k in columns}))
+    table = CountTable(
+        "shuffle",
+        f"{SHUFFLE_CAPTION} K = {ks}.",
+        ["Shuffle rate", *[f"{kg} (K = {k})" if several_k else kg for kg, k in columns]],
+        numbers=rows,
+    )
+    for rate in sorted(set(rows["shuffle"].to_list())):
         cells = [f"{rate * 100:g}%"]
         for kg, k in columns:
             hit = rows.filter(
@@ -230,64 +551,5 @@ def retained_table(rows: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
             r = hit.row(0, named=True)
             share = "-" if r["share"] is None else f"{r['share']:.1f}%"
             cells.append(f"{r['triples_retained']:,} ({share})")
-        body.append(cells)
-    return header, body
-
-
-LATEX_ESCAPES = str.maketrans(
-    {
-        "\\": r"\textbackslash{}",
-        "%": r"\%",
-        "_": r"\_",
-        "&": r"\&",
-        "#": r"\#",
-        "$": r"\$",
-        "{": r"\{",
-        "}": r"\}",
-    }
-)
-
-
-def latex_tabular(header: list[str], body: list[list[str]], caption: str, label: str) -> str:
-    """A booktabs table (needs `\\usepackage{booktabs}`), LaTeX specials escaped."""
-
-    def esc(text: str) -> str:
-        return text.translate(LATEX_ESCAPES)
-
-    lines = [
-        r"\begin{table}[t]",
-        r"\centering",
-        r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}",
-        r"\toprule",
-        " & ".join(esc(h) for h in header) + r" \\",
-        r"\midrule",
-        *(" & ".join(esc(c) for c in row) + r" \\" for row in body),
-        r"\bottomrule",
-        r"\end{tabular}",
-        rf"\caption{{{esc(caption)}}}",
-        rf"\label{{{label}}}",
-        r"\end{table}",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def write_retained_table(stats_files: list[str | Path], out_dir: str | Path) -> Path:
-    """Write `table3.md`, `table3.csv` (one row per KG, K and rate) and `table3.tex`."""
-    rows = partition_rows(stats_files)
-    out = Path(out_dir)
-    ks = sorted(set(rows["k"].to_list()))
-    note = f"{TABLE3_NOTE} K = {', '.join(map(str, ks))}."
-    header, body = retained_table(rows)
-    with atomic_path(out / "table3.csv") as tmp:
-        rows.write_csv(tmp)
-    with atomic_path(out / "table3.md") as tmp:
-        tmp.write_text(
-            "# Training triples under controlled shuffling\n\n"
-            + to_markdown(header, body)
-            + "\n"
-            + note
-            + "\n"
-        )
-    with atomic_path(out / "table3.tex") as tmp:
-        tmp.write_text(latex_tabular(header, body, note, "tab:shuffled-triples"))
-    return out / "table3.md"
+        table.rows.append(cells)
+    return table

@@ -30,6 +30,9 @@ from mop.io import read_json, write_json
 
 RUN_FILE = "run.json"
 KEY_TAG = "mop.run_key"
+INVOCATION_TAG = "mop.invocation"
+INVOCATION_ENV = "MOP_INVOCATION"
+PARENT_TAG = "mop.parent_of"
 HASH_TAG = "mop.record_hash"
 TAG_NAMES = (
     "stage",
@@ -85,7 +88,12 @@ class Tracker:
             else str(self.out_dir),
             "experiment": experiment,
             "run_name": run_name,
-            "tags": {k: str(v) for k, v in tags.items()},
+            "tags": {k: str(v) for k, v in tags.items()}
+            | (
+                {INVOCATION_TAG: os.environ[INVOCATION_ENV]}
+                if os.environ.get(INVOCATION_ENV)
+                else {}
+            ),
             "params": flatten(params),
             "metrics": [],
             "artifacts": [],
@@ -138,6 +146,20 @@ def _experiment_id(client: Any, name: str, results_dir: Path, uri: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+def _parent_run(client: Any, exp_id: str, invocation: str) -> str:
+    """The run that groups one workflow invocation's jobs (created on first use)."""
+    found = client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{invocation}'")
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(
+        exp_id,
+        tags={PARENT_TAG: invocation, "stage": "workflow"},
+        run_name=f"workflow {invocation}",
+    )
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
 def sync_record(path: str | Path, uri: str, results_dir: str | Path = "results") -> str:
     """Copy one run record into MLflow unless it is there already; return what happened."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -158,6 +180,8 @@ def sync_record(path: str | Path, uri: str, results_dir: str | Path = "results")
         for run in existing:
             client.delete_run(run.info.run_id)
         tags = record["tags"] | {KEY_TAG: record["key"], HASH_TAG: digest}
+        if record["tags"].get(INVOCATION_TAG):
+            tags["mlflow.parentRunId"] = _parent_run(client, exp_id, record["tags"][INVOCATION_TAG])
         run = client.create_run(
             exp_id, start_time=record["start_ms"], tags=tags, run_name=record["run_name"]
         )

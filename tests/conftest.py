@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,102 @@ def tiny_adapters(
         )
         dirs.append(root / f"p{part}" / "adapter")
     return dirs
+
+
+def snakemake(
+    workdir: Path, *args: str, cores: int = 2, tracking_uri: str | None = None
+) -> subprocess.CompletedProcess:
+    """Run the workflow in `workdir` (which holds config/config.yaml) with this venv's tools."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MOP_INVOCATION", None)
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(REPO / "workflow" / "Snakefile"),
+            "-d",
+            str(workdir),
+            "--cores",
+            str(cores),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+
+
+def tiny_workdir(root: Path) -> Path:
+    """A working folder holding the tiny test config as config/config.yaml."""
+    (root / "config").mkdir(parents=True)
+    shutil.copy(REPO / ".test" / "config" / "config.yaml", root / "config" / "config.yaml")
+    return root
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a sqlite store; yields its URL."""
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(root / "server.log", "w")  # noqa: SIM115 (closed at teardown)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=root,
+    )
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError((root / "server.log").read_text()[-3000:]) from None
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, mlflow_server) -> Path:
+    """The whole DAG of the tiny config, run locally once per test session, logging to a
+    live MLflow server."""
+    work = tiny_workdir(tmp_path_factory.mktemp("workflow"))
+    result = snakemake(work, tracking_uri=mlflow_server)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return work

@@ -3,11 +3,15 @@ import polars as pl
 import pytest
 import torch
 
+from mop.errors import MopError
 from mop.finetune import FinetuneConfig, build_classifier, finetune
 from mop.fusion import MixtureConfig, MixtureFusion, fusion_layers
 from mop.io import read_json
-from mop.tasks import get_task
+from mop.tasks import document_micro_f1, get_task, prepare_data
 from mop.tasks.probe import prepare
+from tests.conftest import REPO
+
+FIXTURES = REPO / "tests" / "fixtures" / "tasks"
 
 TASK = get_task("probe")
 
@@ -65,7 +69,14 @@ def test_gumbel_and_moe_are_random_only_while_training(tiny_spec, tiny_adapters)
 
 
 @pytest.mark.parametrize(
-    ("method", "kind"), [("base", "softmax"), ("mop", "softmax"), ("mop", "gumbel"), ("mop", "moe")]
+    ("method", "kind"),
+    [
+        ("base", "softmax"),
+        ("adapter", "softmax"),
+        ("mop", "softmax"),
+        ("mop", "gumbel"),
+        ("mop", "moe"),
+    ],
 )
 def test_every_method_trains_and_writes_its_outputs(
     method, kind, tiny_spec, tiny_adapters, probe_dir, tmp_path
@@ -78,7 +89,8 @@ def test_every_method_trains_and_writes_its_outputs(
         save_model=True,
         mixture=MixtureConfig(kind=kind, balance=0.01),
     )
-    m = finetune(tiny_spec, TASK, probe_dir, method, tiny_adapters, cfg, tmp_path)
+    adapters = tiny_adapters[:1] if method == "adapter" else tiny_adapters
+    m = finetune(tiny_spec, TASK, probe_dir, method, adapters, cfg, tmp_path)
     losses = [h["train_loss"] for h in m["history"]]
     assert losses[-1] < losses[0]
     saved = read_json(tmp_path / "metrics.json")
@@ -114,3 +126,85 @@ def test_separate_learning_rates(tiny_spec, tiny_adapters):
     assert groups["base_no_decay"]["weight_decay"] == 0.0
     n = sum(len(g["params"]) for g in groups.values())
     assert n == sum(1 for _ in model.parameters())
+
+
+def test_adapter_method_activates_exactly_one_adapter(tiny_spec, tiny_adapters):
+    with pytest.raises(MopError, match="exactly one adapter"):
+        build_classifier(tiny_spec, TASK, "adapter", tiny_adapters, FinetuneConfig())
+    model, fusion = build_classifier(
+        tiny_spec, TASK, "adapter", tiny_adapters[:1], FinetuneConfig()
+    )
+    assert fusion is None
+    assert str(model.encoder.active_adapters) == "Stack[p0]"
+    assert any(".adapters.p0." in n for n, _ in model.named_parameters())
+
+
+@pytest.fixture(scope="module")
+def hoc_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hoc")
+    prepare_data("hoc", {"path": str(FIXTURES / "hoc")}, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def medqa_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("medqa")
+    options = {
+        "path": str(FIXTURES / "medqa" / "questions" / "US"),
+        "corpus": str(FIXTURES / "medqa" / "textbooks" / "en"),
+        "top_k": 2,
+    }
+    prepare_data("medqa", options, out)
+    return out
+
+
+def test_multi_label_task_trains_and_merges_documents(tiny_spec, hoc_dir, tmp_path):
+    task = get_task("hoc")
+    cfg = FinetuneConfig(epochs=4, batch_size=4, lr=3e-3, warmup=0.0, seed=0, save_model=False)
+    m = finetune(tiny_spec, task, hoc_dir, "base", [], cfg, tmp_path)
+    losses = [h["train_loss"] for h in m["history"]]
+    assert losses[-1] < losses[0]
+    preds = pl.read_parquet(tmp_path / "predictions.parquet").filter(pl.col("split") == "test")
+    assert preds["pred"].list.len().unique().to_list() == [10]
+    probs = np.asarray(preds["prob"].to_list())
+    assert preds["pred"].to_list() == (probs >= 0.5).astype(int).tolist()
+    assert m["test_micro_f1"] == pytest.approx(document_micro_f1(preds)["micro_f1"])
+    assert "document" in preds.columns
+
+
+def test_multiple_choice_task_trains_with_one_score_per_option(
+    tiny_spec, tiny_adapters, medqa_dir, tmp_path
+):
+    task = get_task("medqa")
+    cfg = FinetuneConfig(epochs=6, batch_size=4, lr=3e-3, warmup=0.0, seed=0, save_model=False)
+    m = finetune(tiny_spec, task, medqa_dir, "base", [], cfg, tmp_path / "base")
+    losses = [h["train_loss"] for h in m["history"]]
+    assert losses[-1] < losses[0]
+    preds = pl.read_parquet(tmp_path / "base" / "predictions.parquet")
+    probs = np.asarray(preds["prob"].to_list())
+    assert probs.shape == (12 + 3 + 3, 5)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    assert preds["pred"].to_list() == probs.argmax(1).tolist()
+    cfg = FinetuneConfig(epochs=1, batch_size=4, lr=1e-3, seed=0, save_model=False)
+    finetune(tiny_spec, task, medqa_dir, "mop", tiny_adapters, cfg, tmp_path / "mop")
+    mix = pl.read_parquet(tmp_path / "mop" / "mixture.parquet")
+    assert mix.height == 3 * 5 and mix["choice"].to_list() == [0, 1, 2, 3, 4] * 3
+
+
+@pytest.mark.parametrize("task_name", ["hoc", "medqa"])
+def test_same_seed_same_metrics_for_multi_label_and_choice(
+    task_name, tiny_spec, hoc_dir, medqa_dir, tmp_path
+):
+    task_dir = hoc_dir if task_name == "hoc" else medqa_dir
+    task = get_task(task_name)
+    runs = []
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        cfg = FinetuneConfig(epochs=2, batch_size=4, lr=1e-3, seed=seed, save_model=False)
+        runs.append(finetune(tiny_spec, task, task_dir, "base", [], cfg, tmp_path / name))
+    a, b, c = runs
+    assert a["seed"] == b["seed"] == 5 and a["config"]["seed"] == 5
+    assert a["history"] == b["history"]
+    assert pl.read_parquet(tmp_path / "a" / "predictions.parquet").equals(
+        pl.read_parquet(tmp_path / "b" / "predictions.parquet")
+    )
+    assert a["history"] != c["history"]

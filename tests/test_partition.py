@@ -20,7 +20,7 @@ from mop.partition import (
     scheme_rate,
     shuffle_membership,
 )
-from mop.report import partition_rows, write_retained_table
+from mop.report import partition_rows, table_shuffle
 from tests.conftest import REPO
 
 
@@ -270,7 +270,8 @@ def test_table3_writer_reproduces_the_papers_table(tmp_path):
                 {"k": 20, "shuffle": rate, "triples": 4_129_726, "triples_retained": count}, f
             )
             files.append(f)
-    md = write_retained_table(files, tmp_path / "tables").read_text()
+    table_shuffle(files).write(tmp_path / "tables", "table3_shuffle")
+    md = (tmp_path / "tables" / "table3_shuffle.md").read_text()
     assert "| Shuffle rate | SFull | S20Rel |" in md
     for row in [
         "| 0% | 2,830,674 (100.0%) | 1,225,708 (100.0%) |",
@@ -281,12 +282,12 @@ def test_table3_writer_reproduces_the_papers_table(tmp_path):
         "| 100% | 250,914 (8.9%) | 114,695 (9.4%) |",
     ]:
         assert row in md
-    csv = pl.read_csv(tmp_path / "tables" / "table3.csv")
+    csv = pl.read_csv(tmp_path / "tables" / "table3_shuffle.csv")
     assert csv.height == 12
     top = csv.filter((pl.col("kg") == "SFull") & (pl.col("shuffle") == 1.0)).row(0, named=True)
     assert top["triples_retained"] == 250_914
     assert top["share"] == pytest.approx(100 * 250_914 / 2_830_674)
-    tex = (tmp_path / "tables" / "table3.tex").read_text()
+    tex = (tmp_path / "tables" / "table3_shuffle.tex").read_text()
     assert r"Shuffle rate & SFull & S20Rel \\" in tex
     assert r"100\% & 250,914 (8.9\%) & 114,695 (9.4\%) \\" in tex
     assert tex.count(r"\\") == 1 + 6
@@ -301,7 +302,7 @@ def test_table3_labels_columns_by_k_when_there_are_several(tmp_path):
             files.append(f)
     rows = partition_rows(files)
     assert rows["share"].to_list() == pytest.approx([100.0, 100 * 30 / 90, 100.0, 100 * 5 / 60])
-    md = write_retained_table(files, tmp_path / "tables").read_text()
+    md = table_shuffle(files).markdown()
     assert "| Shuffle rate | hpo (K = 5) | hpo (K = 20) |" in md
     assert "| 100% | 30 (33.3%) | 5 (8.3%) |" in md
 
@@ -310,8 +311,9 @@ def test_table3_refuses_a_file_that_is_not_partition_stats(tmp_path):
     f = tmp_path / "kg" / "k2-metis" / "stats.json"
     write_json({"entities": 3}, f)
     with pytest.raises(MopError, match=r"stats.json: not a partition stats file"):
-        write_retained_table([f], tmp_path / "tables")
-    assert not (tmp_path / "tables" / "table3.md").exists()
+        table_shuffle([f])
+    with pytest.raises(MopError, match=r"nope/stats.json: file not found"):
+        table_shuffle([tmp_path / "nope" / "stats.json"])
 
 
 def test_workflow_dry_run_expands_every_k_and_shuffle_scheme(tmp_path):
@@ -329,7 +331,8 @@ def test_workflow_dry_run_expands_every_k_and_shuffle_scheme(tmp_path):
     out = result.stdout + result.stderr
     built = set(re.findall(r"results/partition/hpo-tiny/(k\d+-[\w.]+)/stats\.json", out))
     assert built == {f"k{k}-{s}" for k in (2, 3) for s in ("metis", "shuffle0.5", "shuffle1.0")}
-    assert "rule table3:" in out
+    for rule in ("table_shuffle", "table_partitions", "figure_shuffle"):
+        assert f"rule {rule}:" in out
     finetuned = set(re.findall(r"mop-softmax/hpo-tiny/(k\d+-[\w.]+)/seed\d+/metrics\.json", out))
     # Table 4: every K with METIS; Figure 3: every shuffle rate at finetune.k.
     assert finetuned == {"k2-metis", "k3-metis", "k2-shuffle0.5", "k2-shuffle1.0"}

@@ -214,3 +214,36 @@ def test_sequences_from_series_round_trip():
     ids, mask = seqs.pad(np.array([1, 0]))
     assert ids.tolist() == [[4, 0, 0], [1, 2, 3]]
     assert mask.tolist() == [[1, 0, 0], [1, 1, 1]]
+
+
+def test_bidirectional_examples_predict_the_head(small_kg, tiny_spec, tmp_path):
+    from mop.pretrain import tokenize_kg
+
+    n = tokenize_kg(small_kg, tiny_spec, tmp_path / "t.parquet", bidirectional=True)
+    tokens = pl.read_parquet(tmp_path / "t.parquet")
+    triples = pl.read_parquet(small_kg / "triples.parquet")
+    assert n == 2 * triples.height
+    back = tokens.filter(pl.col("direction") == 1).row(0, named=True)
+    assert back["target"] == back["head"]
+    ents = pl.read_parquet(small_kg / "entities.parquet")
+    rels = pl.read_parquet(small_kg / "relations.parquet")
+    tail = ents.filter(pl.col("id") == back["tail"])["name"][0]
+    rel = rels.filter(pl.col("id") == back["relation"])["name"][0]
+    tok = load_tokenizer(tiny_spec)
+    assert back["input_ids"] == tok(rel, tail, truncation=True, max_length=64)["input_ids"]
+
+
+def test_heldout_share_is_probed_separately(
+    small_kg, small_partition, small_tokens, tiny_spec, tmp_path
+):
+    data = load_partition_data(
+        small_tokens, small_partition, small_kg, 0, heldout_share=0.2, seed=1
+    )
+    assert 0.1 < data.heldout.mean() < 0.3
+    m = pretrain_partition(
+        tiny_spec, data, PretrainConfig(epochs=1, lr=1e-3, heldout_share=0.2), tmp_path
+    )
+    assert m["probe"]["heldout"]["examples"] == int(data.heldout.sum())
+    assert m["train_examples"] == int((~data.heldout).sum())
+    card = __import__("json").loads((tmp_path / "card.json").read_text())
+    assert len(card["data_hash"]) == 16 and card["entities"] == data.num_entities

@@ -1,43 +1,112 @@
+import numpy as np
 import polars as pl
 import pytest
 
 from mop.io import write_json
-from mop.report import collect_runs, summarise, write_main_table
+from mop.report import (
+    figure_adapters,
+    figure_mixture,
+    figure_shuffle,
+    load_runs,
+    table_k,
+    table_kgs,
+    table_main,
+    table_mixtures,
+)
 
 
-def _fake_run(results, method, seed, test, **tags):
-    out = results / "finetune" / "probe" / "m" / method / f"seed{seed}"
+def _run(root, folder, test, **tags):
+    out = root / folder
+    write_json({"tags": {"task": "probe", "model": "m", **tags}}, out / "run.json")
     write_json(
-        {"tags": {"task": "probe", "model": "m", "method": method, "seed": seed, **tags}},
-        out / "run.json",
-    )
-    write_json(
-        {"main_metric": "accuracy", "dev_accuracy": test, "test_accuracy": test},
+        {
+            "main_metric": "accuracy",
+            "dev_accuracy": test,
+            "test_accuracy": test,
+            "train_accuracy": 1.0,
+        },
         out / "metrics.json",
     )
+    return out / "metrics.json"
 
 
-def test_table_cells_from_hand_computed_values(tmp_path):
-    for seed, (b, m) in enumerate([(0.50, 0.60), (0.52, 0.62), (0.54, 0.64)]):
-        _fake_run(tmp_path, "base", seed, b)
-        _fake_run(
-            tmp_path, "mop-softmax", seed, m, mixture="softmax", kg="g", k="4", scheme="metis"
-        )
-    # the mop rows are tagged method=mop
-    for f in (tmp_path / "finetune").rglob("run.json"):
-        if "mop-softmax" in str(f):
-            text = f.read_text().replace('"mop-softmax"', '"mop"')
-            f.write_text(text)
-    runs = collect_runs(tmp_path)
-    assert runs.height == 6
-    summary = summarise(runs)
-    mop = summary.filter(pl.col("method") == "mop").row(0, named=True)
-    assert mop["mean"] == pytest.approx(62.0) and mop["std"] == pytest.approx(2.0)
-    # Welch t = 10 / sqrt(4/3 + 4/3) = 6.1237 with 4 degrees of freedom: p = 0.00360
-    assert mop["p_value"] == pytest.approx(0.0036022, rel=1e-4)
-    write_main_table(tmp_path, tmp_path / "tables")
-    md = (tmp_path / "tables" / "main.md").read_text()
-    assert "| m | 52.00 ± 2.00 (n=3) |" in md
-    assert "| + MoP (g) | 62.00† ± 2.00 ↑ (n=3) |" in md
-    csv = pl.read_csv(tmp_path / "tables" / "main.csv")
-    assert csv.height == 2 and set(csv["n"]) == {3}
+@pytest.fixture
+def runs(tmp_path):
+    files = []
+    for seed, (b, m, g) in enumerate([(0.50, 0.60, 0.49), (0.52, 0.62, 0.52), (0.54, 0.64, 0.55)]):
+        files.append(_run(tmp_path, f"base/s{seed}", b, method="base", seed=seed))
+        mop = {"method": "mop", "kg": "g", "k": "4", "scheme": "metis", "seed": seed}
+        files.append(_run(tmp_path, f"soft/s{seed}", m, mixture="softmax", **mop))
+        files.append(_run(tmp_path, f"gum/s{seed}", g, mixture="gumbel-t0.5", **mop))
+    return load_runs(files)
+
+
+def test_table1_cells_from_hand_computed_values(runs, tmp_path):
+    table = table_main(runs)
+    md = table.markdown()
+    # base: 50, 52, 54 -> 52.00 ± 2.00; softmax: 60, 62, 64 -> 62.00 ± 2.00, Welch
+    # t = 10 / sqrt(4/3 + 4/3) = 6.1237, df = 4 -> p = 0.0036 (dagger), best in column (bold)
+    assert "| m | 52.00 ± 2.00 |" in md
+    assert "| + MoP (g, softmax) | **62.00† ± 2.00 ↑** |" in md
+    # gumbel: 49, 52, 55 -> 52.00 ± 3.00: not above the base mean -> no arrow, no dagger
+    assert "| + MoP (g, gumbel-t0.5) | 52.00 ± 3.00 |" in md
+    soft = table.rows[2][1]
+    assert soft.p_value == pytest.approx(0.0036022, rel=1e-4)
+    tex = table.latex()
+    assert r"\textbf{62.00$^\dagger$ $\pm$ 2.00 $\uparrow$}" in tex
+    assert r"\begin{tabular}{lc}" in tex
+    paths = table.write(tmp_path / "tables", "main")
+    csv = pl.read_csv(paths[1])
+    assert csv["Model"].to_list() == ["m", "+ MoP (g, gumbel-t0.5)", "+ MoP (g, softmax)"]
+    assert csv["probe_mean"].to_list() == pytest.approx([52.0, 52.0, 62.0])
+    assert csv["probe_n"].to_list() == [3, 3, 3]
+
+
+def test_table6_and_table4(runs, tmp_path):
+    t6 = table_mixtures(runs)
+    assert [r[1] for r in t6.rows] == ["gumbel-t0.5", "softmax"]
+    assert t6.rows[1][2].bold and not t6.rows[0][2].bold
+    write_json(
+        {"k": 4, "entities_mean": 690.4}, tmp_path / "partition" / "g" / "k4-metis" / "stats.json"
+    )
+    t4 = table_k(runs, [tmp_path / "partition" / "g" / "k4-metis" / "stats.json"])
+    assert t4.rows[0][1] == "4 (690)"
+
+
+def test_table2_from_stats(tmp_path):
+    write_json(
+        {"entities": 302332, "relations": 229, "triples": 4129726},
+        tmp_path / "SFull" / "stats.json",
+    )
+    md = table_kgs([tmp_path / "SFull" / "stats.json"]).markdown()
+    assert "| SFull | 302,332 | 229 | 4,129,726 |" in md
+
+
+def test_figures_from_fixture_data(tmp_path, runs):
+    adapters = []
+    for part, hits in enumerate([0.4, 0.7, 0.55]):
+        path = tmp_path / "adapters" / "g" / "k3-metis" / "m" / f"p{part}" / "metrics.json"
+        write_json({"entities": 10, "probe": {"train": {"hits_at_10": hits}}}, path)
+        adapters.append(path)
+    out = figure_adapters(adapters, tmp_path / "fig" / "figure2")
+    assert [p.suffix for p in out] == [".png", ".pdf"]
+    assert out[0].read_bytes().startswith(b"\x89PNG")
+    mix = tmp_path / "mixture.parquet"
+    rng = np.random.default_rng(0)
+    w = rng.dirichlet(np.ones(3), size=8).astype(np.float32)
+    pl.DataFrame(
+        {
+            "id": [str(i) for i in range(8)],
+            "weights": w.tolist(),
+            "text": [f"Is phenotype {i} a feature of disease {i}?" for i in range(8)],
+        }
+    ).write_parquet(mix)
+    out = figure_mixture(mix, tmp_path / "fig" / "figure4", n=6)
+    assert out[1].read_bytes().startswith(b"%PDF") and out[0].stat().st_size > 10_000
+    shuffled = runs.filter(pl.col("method") == "mop").with_columns(
+        scheme=pl.when(pl.col("mixture") == "softmax")
+        .then(pl.lit("metis"))
+        .otherwise(pl.lit("shuffle1.0"))
+    )
+    out = figure_shuffle(shuffled, tmp_path / "fig" / "figure3")
+    assert out[0].stat().st_size > 10_000

@@ -1,11 +1,5 @@
 """The whole Snakemake DAG on the tiny test config, in a temporary folder."""
 
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import polars as pl
 import pytest
@@ -14,42 +8,9 @@ from mlflow.tracking import MlflowClient
 from mop.io import read_json
 from mop.models import resolve_model
 from mop.pretrain import knowledge_probe, load_entity_predictor, load_partition_data
-from tests.conftest import REPO
+from tests.conftest import REPO, snakemake
 
 pytestmark = pytest.mark.slow
-
-
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(REPO / "workflow" / "Snakefile"),
-            "-d",
-            str(workdir),
-            "--cores",
-            "2",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("workflow")
-    (work / "config").mkdir()
-    shutil.copy(REPO / ".test" / "config" / "config.yaml", work / "config" / "config.yaml")
-    result = snakemake(work)
-    assert result.returncode == 0, result.stderr[-5000:]
-    return work
 
 
 def test_partitions_add_up(finished_run):
@@ -64,14 +25,14 @@ def test_partitions_add_up(finished_run):
 def test_table3_from_every_shuffle_rate(finished_run):
     r = finished_run / "results" / "partition" / "hpo-tiny"
     sizes = read_json(r / "k2-metis" / "stats.json")["entities_per_partition"]
-    csv = pl.read_csv(finished_run / "results" / "tables" / "table3.csv")
+    csv = pl.read_csv(finished_run / "results" / "tables" / "table3_shuffle.csv")
     assert csv["shuffle"].to_list() == [0.0, 0.1, 0.2, 0.4, 0.8, 1.0]
     for row in csv.iter_rows(named=True):
         scheme = "metis" if row["shuffle"] == 0 else f"shuffle{row['shuffle']!r}"
         stats = read_json(r / f"k2-{scheme}" / "stats.json")
         assert row["triples_retained"] == stats["triples_retained"]
         assert stats["entities_per_partition"] == sizes
-    md = (finished_run / "results" / "tables" / "table3.md").read_text()
+    md = (finished_run / "results" / "tables" / "table3_shuffle.md").read_text()
     assert "| Shuffle rate | hpo-tiny |" in md and "| 0% |" in md and "(100.0%) |" in md
 
 
@@ -103,30 +64,70 @@ def test_adapters_reload_with_the_same_predictions(finished_run):
 def test_table_rows_and_numbers(finished_run):
     r = finished_run / "results"
     csv = pl.read_csv(r / "tables" / "main.csv")
-    assert sorted(csv["method"].to_list()) == ["base", "mop"]
-    for row in csv.iter_rows(named=True):
-        pattern = "base" if row["method"] == "base" else "mop-softmax/hpo-tiny/k2-metis"
-        runs = sorted((r / "finetune" / "probe" / "tiny").glob(f"{pattern}/seed*/metrics.json"))
+    assert csv["Model"].to_list() == [
+        "tiny",
+        "+ MoP (hpo-tiny, gumbel-t0.5)",
+        "+ MoP (hpo-tiny, softmax)",
+    ]
+    folders = ["base", "mop-gumbel-t0.5/hpo-tiny/k2-metis", "mop-softmax/hpo-tiny/k2-metis"]
+    for row, folder in zip(csv.iter_rows(named=True), folders, strict=True):
+        runs = sorted((r / "finetune" / "probe" / "tiny").glob(f"{folder}/seed*/metrics.json"))
         values = np.array([read_json(p)["test_accuracy"] for p in runs]) * 100
-        assert row["n"] == len(values) == 2
-        assert row["mean"] == pytest.approx(values.mean())
-        assert row["std"] == pytest.approx(values.std(ddof=1))
+        assert row["probe_n"] == len(values) == 2
+        assert row["probe_mean"] == pytest.approx(values.mean())
+        assert row["probe_std"] == pytest.approx(values.std(ddof=1))
     md = (r / "tables" / "main.md").read_text()
-    assert "| tiny |" in md and "| + MoP (hpo-tiny) |" in md
+    assert "| tiny |" in md and "| + MoP (hpo-tiny, softmax) |" in md
 
 
-def test_mlflow_holds_every_job_as_a_run(finished_run):
-    client = MlflowClient(f"sqlite:///{finished_run / 'results' / 'mlflow.db'}")
+def test_mlflow_holds_every_job_as_a_run(finished_run, mlflow_server):
+    client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("mop-test")
     runs = client.search_runs([exp.experiment_id])
     stages = sorted(run.data.tags["stage"] for run in runs)
-    assert stages == ["finetune"] * 4 + ["pretrain"] * 2
-    ft = next(run for run in runs if run.data.tags.get("method") == "mop")
-    assert ft.data.tags["kg"] == "hpo-tiny" and ft.data.tags["mixture"] == "softmax"
-    assert "test_accuracy" in ft.data.metrics
+    assert stages == ["finetune"] * 6 + ["kg"] + ["pretrain"] * 2 + ["report", "workflow"]
+    parent = next(run for run in runs if run.data.tags["stage"] == "workflow")
+    children = [run for run in runs if run.data.tags["stage"] != "workflow"]
+    assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parent.info.run_id}
+    ft = next(run for run in runs if run.data.tags.get("mixture") == "softmax")
+    assert ft.data.tags["kg"] == "hpo-tiny" and ft.data.tags["method"] == "mop"
+    assert {"test_accuracy", "dev_accuracy", "train_loss"} <= set(ft.data.metrics)
     pre = next(run for run in runs if run.data.tags["stage"] == "pretrain")
     assert len(client.get_metric_history(pre.info.run_id, "loss")) >= 1
     assert pre.data.params["pretrain.lr"] == "0.001"
+    report = next(run for run in runs if run.data.tags["stage"] == "report")
+    names = {a.path for a in client.list_artifacts(report.info.run_id)}
+    assert {
+        "main.md",
+        "table2_kgs.md",
+        "figure2_adapters.png",
+        "figure4_mixture.png",
+        "table6_mixtures.md",
+    } <= names
+
+
+def test_tables_and_figures(finished_run):
+    r = finished_run / "results"
+    for stem in ("main", "table2_kgs", "table6_mixtures"):
+        for ext in ("md", "csv", "tex"):
+            assert (r / "tables" / f"{stem}.{ext}").stat().st_size > 0
+    t2 = (r / "tables" / "table2_kgs.md").read_text()
+    kg = read_json(r / "kg" / "hpo-tiny" / "stats.json")
+    assert f"| hpo-tiny | {kg['entities']:,} | {kg['relations']:,} | {kg['triples']:,} |" in t2
+    t6 = pl.read_csv(r / "tables" / "table6_mixtures.csv")
+    assert sorted(t6["Mixture"].to_list()) == ["gumbel-t0.5", "softmax"]
+    for stem in ("figure2_adapters", "figure4_mixture"):
+        png = (r / "figures" / f"{stem}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 5000
+        assert (r / "figures" / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_html_report(finished_run):
+    result = snakemake(finished_run, "--report", "results/report.html")
+    assert result.returncode == 0, result.stderr[-3000:]
+    html = (finished_run / "results" / "report.html").read_text(errors="replace")
+    assert "Table 1" in html and "Figure 4" in html
+    assert len(html) > 50_000
 
 
 def test_rerun_has_nothing_to_do(finished_run):

@@ -15,6 +15,7 @@ import fastobo
 import polars as pl
 
 from mop.errors import MopError
+from mop.kg import KnowledgeGraph, from_keyed
 
 IS_A = "is a"
 
@@ -74,3 +75,27 @@ def read_obo_terms(path: str | Path) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
     edge_df = edge_df.filter(pl.col("tail").is_in(live))
     meta = {"obsolete_terms": obsolete, "edges_to_missing_terms": dangling.height}
     return terms, edge_df, meta
+
+
+def load_obo(
+    path: str | Path, *, relations: list[str] | None = None, key: str = "kgs.*"
+) -> tuple[KnowledgeGraph, dict]:
+    """Any OBO ontology as a graph: live terms, "is a" and `relationship:` edges.
+
+    relations: keep only these relations (by name, e.g. ["is a", "part of"]); a listed
+    relation that the file does not have is an error naming the config key.
+    """
+    terms, edges, meta = read_obo_terms(path)
+    available = sorted(edges["relation"].unique().to_list())
+    if relations:
+        missing = [r for r in relations if r not in available]
+        if missing:
+            raise MopError(
+                f"config key {key}.relations: relation {missing[0]!r} does not occur in "
+                f"{path} (it has: {', '.join(available)})"
+            )
+        edges = edges.filter(pl.col("relation").is_in(relations))
+    if edges.height == 0:
+        raise MopError(f"{path}: no is_a or relationship edges between live terms")
+    kg = from_keyed(terms, edges, source=str(path))
+    return kg, {"source": "obo", "path": str(path), "relations_available": available, **meta}

@@ -24,7 +24,8 @@ import polars as pl
 
 from mop.errors import MopError
 from mop.io import write_json, write_parquet
-from mop.kg import read_kg
+from mop.kg import read_kg, read_table
+from mop.partition import MEMBERSHIP_SCHEMA
 from mop.tasks import SPLITS, TaskSpec, accuracy
 
 SPEC = TaskSpec(name="probe", labels=("no", "yes"), metric=accuracy, main_metric="accuracy")
@@ -70,7 +71,7 @@ def build_probe(
     if rel.height == 0:
         raise MopError(f"tasks.probe.relation: {relation!r} is not a relation of {kg_dir}")
     part = (
-        pl.read_parquet(Path(partition_dir) / "membership.parquet")
+        read_table(Path(partition_dir) / "membership.parquet", MEMBERSHIP_SCHEMA)
         .sort("entity")["partition"]
         .to_numpy()
     )

@@ -1,10 +1,20 @@
 # Config validation (before any job starts) and the small wildcard -> path helpers.
 import json
+import os
+import time
 from pathlib import Path
 
-from mop.config import preflight, validate_config
+from mop.config import (
+    preflight,
+    task_data_options,
+    task_run_dir,
+    task_seeds,
+    task_training,
+    validate_config,
+)
 from mop.errors import MopError
 from mop.partition import scheme_name, scheme_rate
+from mop.tasks import DATA_TASKS, data_files, get_task
 
 try:
     validate_config(config)
@@ -12,6 +22,11 @@ try:
         preflight(config)
 except MopError as exc:
     raise WorkflowError(f"mop: {exc}") from None
+
+# One id per workflow invocation: MLflow groups the jobs' runs under a parent run.
+# Jobs (local or SLURM, which exports the environment) inherit it.
+if workflow.is_main_process:
+    os.environ.setdefault("MOP_INVOCATION", time.strftime("%Y%m%d-%H%M%S"))
 
 R = config["results"]
 FT = config["finetune"]
@@ -24,8 +39,8 @@ wildcard_constraints:
     scheme=r"metis|shuffle[0-9.]+",
     part=r"\d+",
     seed=r"\d+",
-    mixture=r"softmax|gumbel|moe",
-    task=r"probe",
+    mixture=r"softmax|gumbel(-t[0-9]*\.?[0-9]+)?|moe(-k[0-9]+)?",
+    task=r"probe|hoc|pubmedqa|bioasq7b|bioasq8b|mednli|medqa",
 
 
 def as_json(obj):
@@ -39,6 +54,9 @@ def models_json():
 RESOURCE_DEFAULTS = {"threads": 1, "mem_mb": 4000, "runtime": 120, "gpus": 0}
 
 
+SLURM_KEYS = ("slurm_partition", "slurm_account", "slurm_extra")
+
+
 def res(stage, key):
     """A resource of a stage: resources.<stage>, then resources.default, then built-ins."""
     sections = config["resources"]
@@ -46,6 +64,14 @@ def res(stage, key):
         if key in section:
             return section[key]
     return None
+
+
+def stage_resources(stage):
+    """Resources of a stage's jobs; `gpu` and the slurm_* keys are the SLURM plugin's names."""
+    out = {"mem_mb": res(stage, "mem_mb"), "runtime": res(stage, "runtime"),
+           "gpu": res(stage, "gpus")}
+    out.update({k: res(stage, k) for k in SLURM_KEYS if res(stage, k) is not None})
+    return out
 
 
 def shuffle_rate(scheme):
@@ -57,25 +83,14 @@ def partition_schemes():
     return list(dict.fromkeys(["metis", *map(scheme_name, config["partition"]["shuffle"])]))
 
 
-def partition_stats():
-    """Every KG x K x scheme's stats.json: the partitions the config asks for."""
+def partition_stats(schemes=None):
+    """stats.json of every KG x K x scheme partition the config asks for."""
     return [
         f"{R}/partition/{kg}/k{k}-{scheme}/stats.json"
         for kg in config["kgs"]
         for k in dict.fromkeys(config["partition"]["k"])
-        for scheme in partition_schemes()
+        for scheme in (schemes or partition_schemes())
     ]
-
-
-def mop_setups():
-    """(K, scheme) pairs MoP is fine-tuned with: finetune.k with METIS and, with
-    finetune.partition_experiments, every K with METIS (Table 4) and every shuffle
-    scheme at finetune.k (Figure 3)."""
-    setups = [(FT["k"], "metis")]
-    if FT["partition_experiments"]:
-        setups += [(k, "metis") for k in config["partition"]["k"]]
-        setups += [(FT["k"], scheme) for scheme in partition_schemes()]
-    return list(dict.fromkeys(setups))
 
 
 def adapter_dirs(kg, k, scheme, model):
@@ -88,29 +103,103 @@ def tags(**kw):
     return as_json(kw)
 
 
+def task_options(task):
+    """Training settings of a task's runs: `finetune` overridden by `tasks.<task>.finetune`."""
+    return as_json(task_training(config, task))
+
+
+def task_files(task):
+    """The official data files a task's prepare step reads."""
+    return [str(p) for p in data_files(task, task_data_options(config, task))]
+
+
+def task_dir(task, seed):
+    return task_run_dir(config, task, seed)
+
+
+def mop_kgs():
+    return FT.get("kgs") or list(config["kgs"])
+
+
+def base_metrics():
+    """metrics.json of every base-model run."""
+    if "base" not in FT["methods"]:
+        return []
+    return [
+        f"{R}/finetune/{task}/{model}/base/seed{seed}/metrics.json"
+        for task in FT["tasks"]
+        for model in config["base_models"]
+        for seed in task_seeds(config, task)
+    ]
+
+
+def mop_metrics(ks=None, schemes=("metis",), mixtures=None):
+    """metrics.json of MoP runs for the given K values, partition schemes and mixtures."""
+    if "mop" not in FT["methods"]:
+        return []
+    return [
+        f"{R}/finetune/{task}/{model}/mop-{mixture}/{kg}/k{k}-{scheme}/seed{seed}/metrics.json"
+        for task in FT["tasks"]
+        for model in config["base_models"]
+        for kg in mop_kgs()
+        for k in (ks or [FT["k"]])
+        for scheme in schemes
+        for mixture in (mixtures or FT["mixtures"])
+        for seed in task_seeds(config, task)
+    ]
+
+
+def partition_experiment_metrics():
+    """With finetune.partition_experiments: MoP runs for every K with METIS (Table 4) and
+    for every shuffle scheme at finetune.k (Figure 3)."""
+    if not FT["partition_experiments"]:
+        return []
+    return mop_metrics(ks=list(dict.fromkeys(config["partition"]["k"]))) + mop_metrics(
+        schemes=partition_schemes()
+    )
+
+
 def finetune_outputs():
-    out = []
-    for task in FT["tasks"]:
-        for model in config["base_models"]:
-            for seed in FT["seeds"]:
-                if "base" in FT["methods"]:
-                    out.append(f"{R}/finetune/{task}/{model}/base/seed{seed}/metrics.json")
-                if "mop" in FT["methods"]:
-                    for kg in FT.get("kgs") or list(config["kgs"]):
-                        for mixture in FT["mixtures"]:
-                            for k, scheme in mop_setups():
-                                out.append(
-                                    f"{R}/finetune/{task}/{model}/mop-{mixture}/{kg}/"
-                                    f"k{k}-{scheme}/seed{seed}/metrics.json"
-                                )
+    return base_metrics() + mop_metrics()
+
+
+def adapter_metrics(k=None):
+    return [
+        f"{R}/adapters/{kg}/k{k or FT['k']}-metis/{model}/p{i}/metrics.json"
+        for kg in mop_kgs()
+        for model in config["base_models"]
+        for i in range(int(k or FT["k"]))
+    ]
+
+
+def first_mixture_file():
+    """The mixture weights of the first MoP setup's first seed (Figure 4)."""
+    task, model, kg = FT["tasks"][0], config["base_models"][0], mop_kgs()[0]
+    return (f"{R}/finetune/{task}/{model}/mop-{FT['mixtures'][0]}/{kg}/k{FT['k']}-metis/"
+            f"seed{task_seeds(config, task)[0]}/mixture.parquet")
+
+
+def report_outputs():
+    """Tables and figures the config has data for."""
+    out = [f"{R}/tables/main.md", f"{R}/tables/table2_kgs.md"]
+    if "mop" in FT["methods"]:
+        out += [f"{R}/figures/figure2_adapters.png", f"{R}/figures/figure4_mixture.png"]
+        if len(FT["mixtures"]) > 1:
+            out.append(f"{R}/tables/table6_mixtures.md")
+        if FT["partition_experiments"]:
+            out.append(f"{R}/tables/table4_partitions.md")
+            if len(partition_schemes()) > 1:
+                out.append(f"{R}/figures/figure3_shuffle.png")
+    if len(partition_schemes()) > 1:
+        out.append(f"{R}/tables/table3_shuffle.md")
     return out
 
 
-def partition_outputs():
-    """Every partition's stats and, when the config shuffles, the Table 3 files."""
-    tables = [f"{R}/tables/table3.{ext}" for ext in ("md", "csv", "tex")]
-    return [*partition_stats(), *(tables if len(partition_schemes()) > 1 else [])]
-
-
 def final_outputs():
-    return [f"{R}/tables/main.md", *finetune_outputs(), *partition_outputs()]
+    return [
+        *report_outputs(),
+        f"{R}/report/run.json",
+        *finetune_outputs(),
+        *partition_experiment_metrics(),
+        *partition_stats(),
+    ]

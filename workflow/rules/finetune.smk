@@ -20,6 +20,43 @@ rule task_probe:
         " --options {params.options:q} --out {params.out} 2> {log:q}"
 
 
+rule task_data:
+    input:
+        lambda w: task_files(w.task),
+    output:
+        expand(f"{R}/tasks/{{{{task}}}}/{{split}}.parquet", split=["train", "dev", "test"]),
+        summary=f"{R}/tasks/{{task}}/summary.json",
+    wildcard_constraints:
+        task=r"hoc|bioasq7b|bioasq8b|mednli|medqa",
+    params:
+        options=lambda w: as_json(task_data_options(config, w.task)),
+        out=lambda w: f"{R}/tasks/{w.task}",
+    conda:
+        "../envs/mop.yaml"
+    log:
+        f"{R}/logs/tasks/{{task}}.log",
+    shell:
+        "mop task {wildcards.task} --options {params.options:q} --out {params.out} 2> {log:q}"
+
+
+rule task_pubmedqa:
+    input:
+        lambda w: task_files("pubmedqa"),
+    output:
+        expand(f"{R}/tasks/pubmedqa/fold{{i}}/{{split}}.parquet", i=range(10),
+               split=["train", "dev", "test"]),
+        summary=f"{R}/tasks/pubmedqa/summary.json",
+    params:
+        options=lambda w: as_json(task_data_options(config, "pubmedqa")),
+        out=f"{R}/tasks/pubmedqa",
+    conda:
+        "../envs/mop.yaml"
+    log:
+        f"{R}/logs/tasks/pubmedqa.log",
+    shell:
+        "mop task pubmedqa --options {params.options:q} --out {params.out} 2> {log:q}"
+
+
 FINETUNE_OUTPUTS = ["metrics.json", "predictions.parquet"]
 
 
@@ -29,9 +66,9 @@ rule finetune_base:
     output:
         [f"{R}/finetune/{{task}}/{{model}}/base/seed{{seed}}/{f}" for f in FINETUNE_OUTPUTS],
     params:
-        options=lambda w: as_json(FT),
+        options=lambda w: task_options(w.task),
         models=lambda w: models_json(),
-        task_dir=lambda w: f"{R}/tasks/{w.task}",
+        task_dir=lambda w: task_dir(w.task, w.seed),
         out=lambda w: f"{R}/finetune/{w.task}/{w.model}/base/seed{w.seed}",
         tags=lambda w: tags(stage="finetune", task=w.task, model=w.model, method="base",
                             seed=w.seed),
@@ -39,9 +76,7 @@ rule finetune_base:
         experiment=config["experiment"],
     threads: res("finetune", "threads")
     resources:
-        mem_mb=lambda w: res("finetune", "mem_mb"),
-        runtime=lambda w: res("finetune", "runtime"),
-        gpus=lambda w: res("finetune", "gpus"),
+        **stage_resources("finetune"),
     conda:
         "../envs/mop.yaml"
     log:
@@ -64,9 +99,9 @@ rule finetune_mop:
             for f in [*FINETUNE_OUTPUTS, "mixture.parquet"]
         ],
     params:
-        options=lambda w: as_json(FT),
+        options=lambda w: task_options(w.task),
         models=lambda w: models_json(),
-        task_dir=lambda w: f"{R}/tasks/{w.task}",
+        task_dir=lambda w: task_dir(w.task, w.seed),
         adapters=lambda w: " ".join(adapter_dirs(w.kg, w.k, w.scheme, w.model)),
         out=lambda w: f"{R}/finetune/{w.task}/{w.model}/mop-{w.mixture}/{w.kg}/k{w.k}-{w.scheme}/seed{w.seed}",
         tags=lambda w: tags(stage="finetune", task=w.task, model=w.model, method="mop",
@@ -75,9 +110,7 @@ rule finetune_mop:
         experiment=config["experiment"],
     threads: res("finetune", "threads")
     resources:
-        mem_mb=lambda w: res("finetune", "mem_mb"),
-        runtime=lambda w: res("finetune", "runtime"),
-        gpus=lambda w: res("finetune", "gpus"),
+        **stage_resources("finetune"),
     conda:
         "../envs/mop.yaml"
     log:

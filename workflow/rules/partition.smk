@@ -15,8 +15,7 @@ rule partition:
     log:
         f"{R}/logs/partition/{{kg}}/k{{k}}-{{scheme}}.log",
     resources:
-        mem_mb=lambda w: res("partition", "mem_mb"),
-        runtime=lambda w: res("partition", "runtime"),
+        **stage_resources("partition"),
     shell:
         "mop partition --kg {params.kg} --k {wildcards.k} --shuffle {params.shuffle}"
         " --options {params.options:q} --out {params.out} 2> {log:q}"

@@ -37,9 +37,7 @@ rule pretrain:
         experiment=config["experiment"],
     threads: res("pretrain", "threads")
     resources:
-        mem_mb=lambda w: res("pretrain", "mem_mb"),
-        runtime=lambda w: res("pretrain", "runtime"),
-        gpus=lambda w: res("pretrain", "gpus"),
+        **stage_resources("pretrain"),
     conda:
         "../envs/mop.yaml"
     log:

@@ -1,31 +1,138 @@
-rule report:
+TABLE = ["md", "csv", "tex"]
+
+
+rule table_main:
     input:
         finetune_outputs(),
     output:
-        md=f"{R}/tables/main.md",
-        csv=f"{R}/tables/main.csv",
+        report(f"{R}/tables/main.md", caption="../report/table1.rst", category="Tables"),
+        f"{R}/tables/main.csv",
+        f"{R}/tables/main.tex",
     params:
         out=f"{R}/tables",
-    conda:
-        "../envs/mop.yaml"
     log:
-        f"{R}/logs/report.log",
+        f"{R}/logs/report/table1.log",
     shell:
-        "mop report --results {R} --out {params.out} 2> {log:q}"
+        "mop report table1 --runs {input} --out {params.out} 2> {log:q}"
 
 
-rule table3:
+rule table_kgs:
+    input:
+        expand(f"{R}/kg/{{kg}}/stats.json", kg=list(config["kgs"])),
+    output:
+        report(f"{R}/tables/table2_kgs.md", caption="../report/table2.rst", category="Tables"),
+        f"{R}/tables/table2_kgs.csv",
+        f"{R}/tables/table2_kgs.tex",
+    params:
+        out=f"{R}/tables",
+    log:
+        f"{R}/logs/report/table2.log",
+    shell:
+        "mop report table2 --stats {input} --out {params.out} 2> {log:q}"
+
+
+rule table_mixtures:
+    input:
+        base_metrics() + mop_metrics(),
+    output:
+        report(f"{R}/tables/table6_mixtures.md", caption="../report/table6.rst", category="Tables"),
+        f"{R}/tables/table6_mixtures.csv",
+        f"{R}/tables/table6_mixtures.tex",
+    params:
+        out=f"{R}/tables",
+    log:
+        f"{R}/logs/report/table6.log",
+    shell:
+        "mop report table6 --runs {input} --out {params.out} 2> {log:q}"
+
+
+rule table_shuffle:
     input:
         partition_stats(),
     output:
-        md=f"{R}/tables/table3.md",
-        csv=f"{R}/tables/table3.csv",
-        tex=f"{R}/tables/table3.tex",
+        report(f"{R}/tables/table3_shuffle.md", caption="../report/table3.rst", category="Tables"),
+        f"{R}/tables/table3_shuffle.csv",
+        f"{R}/tables/table3_shuffle.tex",
     params:
         out=f"{R}/tables",
-    conda:
-        "../envs/mop.yaml"
     log:
-        f"{R}/logs/table3.log",
+        f"{R}/logs/report/table3.log",
     shell:
-        "mop partition-table --stats {input:q} --out {params.out} 2> {log:q}"
+        "mop report table3 --stats {input} --out {params.out} 2> {log:q}"
+
+
+rule table_partitions:
+    input:
+        runs=mop_metrics(ks=list(dict.fromkeys(config["partition"]["k"]))),
+        stats=partition_stats(schemes=["metis"]),
+    output:
+        report(f"{R}/tables/table4_partitions.md", caption="../report/table4.rst",
+               category="Tables"),
+        f"{R}/tables/table4_partitions.csv",
+        f"{R}/tables/table4_partitions.tex",
+    params:
+        out=f"{R}/tables",
+    log:
+        f"{R}/logs/report/table4.log",
+    shell:
+        "mop report table4 --runs {input.runs} --stats {input.stats} --out {params.out}"
+        " 2> {log:q}"
+
+
+rule figure_shuffle:
+    input:
+        mop_metrics(schemes=partition_schemes()),
+    output:
+        report(f"{R}/figures/figure3_shuffle.png", caption="../report/figure3.rst",
+               category="Figures"),
+        f"{R}/figures/figure3_shuffle.pdf",
+    params:
+        out=f"{R}/figures/figure3_shuffle",
+    log:
+        f"{R}/logs/report/figure3.log",
+    shell:
+        "mop report figure3 --runs {input} --out {params.out} 2> {log:q}"
+
+
+rule figure_adapters:
+    input:
+        adapter_metrics(),
+    output:
+        report(f"{R}/figures/figure2_adapters.png", caption="../report/figure2.rst",
+               category="Figures"),
+        f"{R}/figures/figure2_adapters.pdf",
+    params:
+        out=f"{R}/figures/figure2_adapters",
+    log:
+        f"{R}/logs/report/figure2.log",
+    shell:
+        "mop report figure2 --adapters {input} --out {params.out} 2> {log:q}"
+
+
+rule figure_mixture:
+    input:
+        first_mixture_file(),
+    output:
+        report(f"{R}/figures/figure4_mixture.png", caption="../report/figure4.rst",
+               category="Figures"),
+        f"{R}/figures/figure4_mixture.pdf",
+    params:
+        out=f"{R}/figures/figure4_mixture",
+    log:
+        f"{R}/logs/report/figure4.log",
+    shell:
+        "mop report figure4 --mixture {input} --out {params.out} 2> {log:q}"
+
+
+rule publish:
+    input:
+        report_outputs(),
+    output:
+        f"{R}/report/run.json",
+    params:
+        experiment=config["experiment"],
+    log:
+        f"{R}/logs/report/publish.log",
+    shell:
+        "mop publish --results {R} --experiment {params.experiment} --artifacts {input}"
+        " 2> {log:q}"

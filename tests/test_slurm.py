@@ -1,0 +1,166 @@
+"""The workflow on a real SLURM cluster: required in CI (.ci/run starts a local one)."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mop.io import read_json
+from tests.conftest import REPO, require_tool, snakemake, tiny_workdir
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    require_tool("sbatch")
+    state = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    if state.returncode != 0 or not {"idle", "mix", "alloc"} & set(state.stdout.split()):
+        pytest.fail(f"SLURM is installed but no node is up: {state.stdout} {state.stderr}")
+
+
+def _outputs(run: Path) -> dict[str, object]:
+    """Every metric file and adapter tensor of a run, keyed by path inside results/."""
+    out: dict[str, object] = {}
+    r = run / "results"
+    for path in sorted(r.glob("finetune/**/metrics.json")):
+        m = read_json(path)
+        out[str(path.relative_to(r))] = {
+            k: v for k, v in m.items() if k.startswith(("train_acc", "dev_acc", "test_acc"))
+        }
+    for path in sorted(r.glob("adapters/**/adapter.safetensors")):
+        out[str(path.relative_to(r))] = load_file(path)
+    for path in sorted(r.glob("adapters/**/metrics.json")):
+        out[str(path.relative_to(r))] = read_json(path)["probe"]
+    return out
+
+
+def test_workflow_through_sbatch_equals_a_local_run(cluster, finished_run, tmp_path):
+    work = tiny_workdir(tmp_path / "slurm")
+    result = snakemake(
+        work, "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm-local")
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    logs = work / ".snakemake" / "slurm_logs"
+    submitted = {p.parts[len(logs.parts)] for p in logs.rglob("*.log")}
+    # every rule but the target `all` ran as a SLURM job
+    assert submitted == {
+        f"rule_{r}"
+        for r in (
+            "kg",
+            "partition",
+            "tokenize",
+            "pretrain",
+            "task_probe",
+            "finetune_base",
+            "finetune_mop",
+            "report",
+        )
+    }
+    assert len(list((logs / "rule_pretrain").rglob("*.log"))) == 2
+    assert len(list((logs / "rule_finetune_mop").rglob("*.log"))) == 4
+    local, slurm = _outputs(finished_run), _outputs(work)
+    assert local.keys() == slurm.keys() and len(local) > 0
+    for key, value in local.items():
+        if (
+            isinstance(value, dict)
+            and value
+            and isinstance(next(iter(value.values())), torch.Tensor)
+        ):
+            for name, tensor in value.items():
+                torch.testing.assert_close(tensor, slurm[key][name], rtol=0, atol=0)
+        else:
+            assert value == slurm[key], key
+
+
+def _pretrain_cmd(kg, partition, tokens, out, models) -> list[str]:
+    options = {"epochs": 3, "lr": 1e-3, "batch_size": 4, "seed": 2, "checkpoint_every": 10}
+    return [
+        sys.executable,
+        "-m",
+        "mop.cli",
+        "pretrain",
+        "--kg",
+        str(kg),
+        "--tokens",
+        str(tokens),
+        "--partition",
+        str(partition),
+        "--part",
+        "0",
+        "--model",
+        "tiny",
+        "--models",
+        json.dumps(models),
+        "--options",
+        json.dumps(options),
+        "--out",
+        str(out),
+        "--results",
+        str(out.parent),
+    ]
+
+
+def _sbatch(cmd: list[str], log: Path) -> str:
+    import shlex
+
+    wrapped = " ".join(shlex.quote(c) for c in cmd)
+    job = subprocess.run(
+        ["sbatch", "--parsable", "-o", str(log), "-c", "1", "--mem", "2000", "--wrap", wrapped],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return job.stdout.strip().split(";")[0]
+
+
+def _wait_gone(job: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        q = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
+        if q.stdout.strip() in ("", "COMPLETED", "CANCELLED", "FAILED"):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"SLURM job {job} still running")
+
+
+def test_scancelled_pretraining_resumes_to_the_uninterrupted_result(
+    cluster, small_kg, small_partition, small_tokens, models, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(
+        _pretrain_cmd(small_kg, small_partition, small_tokens, full, models),
+        check=True,
+        capture_output=True,
+    )
+    job = _sbatch(
+        _pretrain_cmd(small_kg, small_partition, small_tokens, killed, models),
+        tmp_path / "first.log",
+    )
+    state = killed / "checkpoint" / "train_state.pt"
+    deadline = time.time() + 240
+    while not state.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    subprocess.run(["scancel", job], check=True)
+    _wait_gone(job)
+    assert state.exists() and not (killed / "adapter").exists(), (
+        tmp_path / "first.log"
+    ).read_text()
+    step = torch.load(state, weights_only=True)["position"]["step"]
+    job = _sbatch(
+        _pretrain_cmd(small_kg, small_partition, small_tokens, killed, models),
+        tmp_path / "second.log",
+    )
+    _wait_gone(job)
+    log = (tmp_path / "second.log").read_text()
+    assert f"resuming from step {step}" in log, log
+    a = load_file(full / "adapter" / "adapter.safetensors")
+    b = load_file(killed / "adapter" / "adapter.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
