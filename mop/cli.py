@@ -161,9 +161,7 @@ def cmd_task(args: argparse.Namespace) -> None:
         return
     from mop.tasks.probe import prepare
 
-    o = dict(args.options)
-    o.pop("kg", None)
-    o.pop("k", None)
+    o = {k: v for k, v in args.options.items() if k not in ("kg", "k", "finetune", "controls")}
     if "shares" in o:
         o["shares"] = tuple(o["shares"])
     summary = prepare(args.kg, args.partition, args.out, **o)
@@ -226,6 +224,40 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_probe_controls(args: argparse.Namespace) -> None:
+    from mop.models import resolve_model
+    from mop.probe_controls import shortcut_baselines, zero_shot
+
+    spec = resolve_model(args.model, args.models)
+    relation = args.options.get("relation", "has phenotype")
+    tracker = _tracker(
+        args,
+        args.out,
+        {"probe": args.options, "model": spec.identifier(), "adapters": args.adapters},
+    )
+    m = zero_shot(
+        spec,
+        args.task_dir,
+        args.kg,
+        args.partition,
+        [Path(a) for a in args.adapters],
+        args.out,
+        relation=relation,
+        threads=args.threads,
+    )
+    tracker.log_metrics({k: v for k, v in m.items() if k.endswith("accuracy")})
+    base = shortcut_baselines(
+        spec, args.task_dir, args.kg, Path(args.out) / "baselines.json", relation=relation
+    )
+    tracker.log_metrics({f"baseline {name} test": v["test_accuracy"] for name, v in base.items()})
+    tracker.log_artifact(Path(args.out) / "baselines.json")
+    tracker.finish()
+    _log(
+        f"probe controls: zero-shot test {m['test_accuracy']:.4f}; baselines test "
+        + ", ".join(f"{k} {v['test_accuracy']:.3f}" for k, v in base.items())
+    )
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from mop import report
 
@@ -239,6 +271,8 @@ def cmd_report(args: argparse.Namespace) -> None:
         paths = report.table_shuffle(args.stats).write(args.out, "table3_shuffle")
     elif what == "table4":
         paths = report.table_k(runs, args.stats).write(args.out, "table4_partitions")
+    elif what == "probe-baselines":
+        paths = report.table_probe_baselines(args.stats).write(args.out, "probe_baselines")
     elif what == "table6":
         paths = report.table_mixtures(runs).write(args.out, "table6_mixtures")
     elif what == "figure2":
@@ -387,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune on a task with one method and seed")
     p.add_argument("--task", required=True)
     p.add_argument("--task-dir", required=True)
-    p.add_argument("--method", required=True, choices=["base", "adapter", "mop"])
+    p.add_argument("--method", required=True, choices=["base", "adapter", "mop", "oracle"])
     p.add_argument("--adapters", nargs="*")
     p.add_argument("--mixture")
     _model_args(p)
@@ -398,10 +432,32 @@ def build_parser() -> argparse.ArgumentParser:
     _tracking_args(p)
     p.set_defaults(func=cmd_finetune)
 
+    p = sub.add_parser("probe-controls", help="KG probe: adapter zero-shot and shortcut baselines")
+    p.add_argument("--task-dir", required=True)
+    p.add_argument("--kg", required=True)
+    p.add_argument("--partition", required=True)
+    p.add_argument("--adapters", nargs="+", required=True, help="adapter folders p0 .. pK-1")
+    _model_args(p)
+    p.add_argument("--options", type=_json, default={}, help="the tasks.probe section")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True)
+    _tracking_args(p)
+    p.set_defaults(func=cmd_probe_controls)
+
     p = sub.add_parser("report", help="a table or figure of the paper from finished runs")
     p.add_argument(
         "what",
-        choices=["table1", "table2", "table3", "table4", "table6", "figure2", "figure3", "figure4"],
+        choices=[
+            "table1",
+            "table2",
+            "table3",
+            "table4",
+            "table6",
+            "probe-baselines",
+            "figure2",
+            "figure3",
+            "figure4",
+        ],
     )
     p.add_argument("--runs", nargs="*", help="metrics.json files of fine-tuning runs")
     p.add_argument("--stats", nargs="*", help="stats.json files of KGs or partitions")

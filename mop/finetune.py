@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ class FinetuneConfig:
     patience: int = 5
     dropout: float = 0.1
     pooling: str = "cls"  # "cls" or "mean"
+    head: str = "linear"  # "linear", or "bilinear" (query x candidate; tasks with a candidate)
     max_grad_norm: float | None = None
     seed: int = 0
     threads: int = 1
@@ -78,6 +79,8 @@ class EncodedSplit:
     labels: np.ndarray  # (n,) class / option index, or (n, labels) 0/1 for multi-label
     frame: pl.DataFrame
     choices: int = 1
+    candidates: torch.Tensor | None = None  # (n, hidden) vectors for the bilinear head
+    route: np.ndarray | None = None  # (n,) the adapter each example goes to (oracle)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -89,6 +92,12 @@ class EncodedSplit:
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         return (idx[:, None] * self.choices + np.arange(self.choices)[None, :]).ravel()
+
+    def extras(self, idx: np.ndarray) -> tuple[torch.Tensor | None, np.ndarray | None]:
+        """The batch's candidate vectors and routes, where the model uses them."""
+        cand = None if self.candidates is None else self.candidates[torch.from_numpy(idx)]
+        route = None if self.route is None else self.route[idx]
+        return cand, route
 
 
 def _tokenize(tokenizer: Any, a: list[str], b: list[str | None], max_length: int) -> Sequences:
@@ -150,31 +159,84 @@ def check_labels(task: TaskSpec, split: EncodedSplit, path: Path) -> None:
         )
 
 
-class Classifier(torch.nn.Module):
-    """Encoder (with any active adapters / fusion) + dropout + linear head."""
+class BilinearHead(torch.nn.Module):
+    """Scores a query vector against a candidate vector: s = a * q^T M c + b, M = I at start.
 
-    def __init__(self, encoder: torch.nn.Module, outputs: int, dropout: float, pooling: str):
+    The probe's candidates (phenotypes) are the frozen base encoder's name vectors, as in
+    the entity head's initialisation, so the head holds no per-entity parameters and the
+    base model and MoP are compared with the same head. Two logits, (0, s), keep the
+    softmax / cross-entropy of single-label tasks.
+    """
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.eye(hidden))
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+        self.bias = torch.nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, query: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+        score = self.scale * ((query @ self.weight) * candidate).sum(-1) + self.bias
+        return torch.stack([torch.zeros_like(score), score], -1)
+
+
+class Classifier(torch.nn.Module):
+    """Encoder (with any active adapters / fusion) + dropout + a linear or bilinear head."""
+
+    def __init__(
+        self,
+        encoder: torch.nn.Module,
+        outputs: int,
+        dropout: float,
+        pooling: str,
+        head: str = "linear",
+    ):
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise MopError(f"finetune.pooling: {pooling!r} is not cls or mean")
+        if head not in ("linear", "bilinear"):
+            raise MopError(f"finetune.head: {head!r} is not linear or bilinear")
         self.encoder = encoder
         self.pooling = pooling
         self.dropout = torch.nn.Dropout(dropout)
-        self.head = torch.nn.Linear(encoder.config.hidden_size, outputs)
+        hidden = encoder.config.hidden_size
+        if head == "bilinear" and outputs != 2:
+            raise MopError("finetune.head: bilinear scores yes/no tasks (two labels) only")
+        self.head = BilinearHead(hidden) if head == "bilinear" else torch.nn.Linear(hidden, outputs)
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_mixture: bool = False
-    ) -> tuple[torch.Tensor, Any]:
-        kwargs = {"output_adapter_fusion_attentions": True} if output_mixture else {}
+    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         h = out.last_hidden_state
         if self.pooling == "cls":
-            pooled = h[:, 0]
+            return h[:, 0], out
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1), out
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        output_mixture: bool = False,
+        candidates: torch.Tensor | None = None,
+        route: np.ndarray | None = None,
+    ) -> tuple[torch.Tensor, Any]:
+        kwargs = {"output_adapter_fusion_attentions": True} if output_mixture else {}
+        if route is None:
+            pooled, out = self.pool(input_ids, attention_mask, **kwargs)
+            mixture = out.adapter_fusion_attentions if output_mixture else None
         else:
-            m = attention_mask.unsqueeze(-1).to(h.dtype)
-            pooled = (h * m).sum(1) / m.sum(1)
-        logits = self.head(self.dropout(pooled))
-        return logits, (out.adapter_fusion_attentions if output_mixture else None)
+            # The oracle control: each example through its own partition's adapter only.
+            pooled = torch.zeros(len(route), self.encoder.config.hidden_size)
+            for k in np.unique(route):
+                sel = torch.from_numpy(route == k)
+                self.encoder.set_active_adapters(f"p{k}")
+                pooled[sel] = self.pool(input_ids[sel], attention_mask[sel])[0]
+            mixture = None
+        pooled = self.dropout(pooled)
+        if isinstance(self.head, BilinearHead):
+            if candidates is None:
+                raise MopError("finetune.head: bilinear needs a task with a candidate column")
+            return self.head(pooled, candidates), mixture
+        return self.head(pooled), mixture
 
 
 def build_classifier(
@@ -187,7 +249,7 @@ def build_classifier(
     """The model for a method; returns it and the fusion's name (None without fusion)."""
     encoder = load_base_model(spec)
     fusion_name = None
-    if method in ("adapter", "mop"):
+    if method in ("adapter", "mop", "oracle"):
         if not adapter_dirs:
             raise MopError(f"finetune: method {method} needs pretrained adapters")
         adapters.init(encoder)
@@ -196,26 +258,33 @@ def build_classifier(
             name = f"p{i}"
             encoder.load_adapter(str(d), load_as=name, use_safetensors=True)
             names.append(name)
-        if method == "adapter":
-            if len(names) != 1:
-                raise MopError("finetune: method adapter takes exactly one adapter")
+        if method == "adapter" and len(names) != 1:
+            raise MopError("finetune: method adapter takes exactly one adapter")
+        if method == "mop":
+            fusion_name = add_mixture(encoder, names, cfg.mixture).name
+        else:
             encoder.set_active_adapters(names[0])
             for p in encoder.parameters():
                 p.requires_grad_(True)
-        else:
-            fusion_name = add_mixture(encoder, names, cfg.mixture).name
     elif method != "base":
-        raise MopError(f"finetune: unknown method {method!r} (base, adapter, mop)")
-    return Classifier(encoder, task.head_size, cfg.dropout, cfg.pooling), fusion_name
+        raise MopError(f"finetune: unknown method {method!r} (base, adapter, mop, oracle)")
+    model = Classifier(encoder, task.head_size, cfg.dropout, cfg.pooling, cfg.head)
+    return model, fusion_name
 
 
 def _param_groups(model: Classifier, cfg: FinetuneConfig) -> list[dict]:
-    """Four learning rates (base, adapters, fusion, head), no decay on bias / LayerNorm."""
+    """Four learning rates (base, adapters, fusion, head), no decay on bias / LayerNorm.
+
+    A part whose learning rate is 0 is frozen (no gradients computed)."""
+
+    def rate(value: float | None) -> float:
+        return cfg.lr if value is None else value
+
     lrs = {
         "base": cfg.lr,
-        "adapters": cfg.lr_adapters or cfg.lr,
-        "fusion": cfg.lr_fusion or cfg.lr,
-        "head": cfg.lr_head or cfg.lr,
+        "adapters": rate(cfg.lr_adapters),
+        "fusion": rate(cfg.lr_fusion),
+        "head": rate(cfg.lr_head),
     }
     groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
@@ -229,6 +298,9 @@ def _param_groups(model: Classifier, cfg: FinetuneConfig) -> list[dict]:
             part = "adapters"
         else:
             part = "base"
+        if lrs[part] == 0:
+            p.requires_grad_(False)
+            continue
         decay = not (name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name)
         groups.setdefault((part, decay), []).append(p)
     return [
@@ -273,7 +345,7 @@ def predict(
     for idx in sequential_batches(len(split), batch_size, split.lengths):
         rows = split.rows(idx)
         ids, mask = split.seqs.pad(rows, pad_id)
-        logits, att = model(ids, mask, output_mixture=fusion_name is not None)
+        logits, att = model(ids, mask, fusion_name is not None, *split.extras(idx))
         probs[idx] = scores_to_probs(task, logits, idx.size).numpy()
         if att is not None:
             layers = att[fusion_name]
@@ -321,6 +393,49 @@ def mixture_frame(split: EncodedSplit, mix: np.ndarray) -> pl.DataFrame:
     return frame
 
 
+def with_candidates(
+    spec: ModelSpec, tokenizer: Any, data: dict[str, EncodedSplit], task_dir: str | Path
+) -> dict[str, EncodedSplit]:
+    """Attach each example's candidate vector: the frozen base encoder's [CLS] vector of
+    its `candidate` text, centred over all candidates and of unit length."""
+    from mop.pretrain import name_vectors
+
+    for s, split in data.items():
+        if "candidate" not in split.frame.columns:
+            raise MopError(
+                f"{Path(task_dir) / f'{s}.parquet'}: the bilinear head needs a "
+                "candidate column (probe: format pair)"
+            )
+    names = sorted({c for split in data.values() for c in split.frame["candidate"].to_list()})
+    vectors = name_vectors(load_base_model(spec), tokenizer, names)
+    index = {n: i for i, n in enumerate(names)}
+    return {
+        s: replace(split, candidates=vectors[[index[c] for c in split.frame["candidate"]]])
+        for s, split in data.items()
+    }
+
+
+def with_routes(
+    data: dict[str, EncodedSplit], task_dir: str | Path, adapters_given: int
+) -> dict[str, EncodedSplit]:
+    """The oracle routes each example to the adapter of its `partition` column."""
+    out = {}
+    for s, split in data.items():
+        if "partition" not in split.frame.columns:
+            raise MopError(
+                f"{Path(task_dir) / f'{s}.parquet'}: the oracle needs a partition "
+                "column (only the KG probe has one)"
+            )
+        route = split.frame["partition"].to_numpy()
+        if route.max() >= adapters_given:
+            raise MopError(
+                f"{Path(task_dir) / f'{s}.parquet'}: partition {route.max()} but only "
+                f"{adapters_given} adapters given"
+            )
+        out[s] = replace(split, route=route)
+    return out
+
+
 def finetune(
     spec: ModelSpec,
     task: TaskSpec,
@@ -343,6 +458,10 @@ def finetune(
             raise MopError(f"{path}: task split not found (run the task's prepare step)")
         data[s] = encode_split(pl.read_parquet(path), tokenizer, cfg.max_length, task.kind)
         check_labels(task, data[s], path)
+    if cfg.head == "bilinear":
+        data = with_candidates(spec, tokenizer, data, task_dir)
+    if method == "oracle":
+        data = with_routes(data, task_dir, len(adapter_dirs))
     model, fusion_name = build_classifier(spec, task, method, adapter_dirs, cfg)
     train = data["train"]
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -359,7 +478,7 @@ def finetune(
         for idx in tqdm(batches, desc=f"finetune {out.name} epoch {epoch}", mininterval=5):
             tick = time.perf_counter()
             ids, mask = train.seqs.pad(train.rows(idx), tokenizer.pad_token_id)
-            logits, _ = model(ids, mask)
+            logits, _ = model(ids, mask, False, *train.extras(idx))
             loss = task_loss(task, logits, train.labels[idx])
             if fusion_name is not None:
                 if cfg.mixture.fusion_reg:

@@ -217,16 +217,20 @@ def build_adapter_model(
 
 @torch.no_grad()
 def name_vectors(
-    model: EntityPredictor, tokenizer: Any, names: list[str], batch_size: int = 256
+    encoder: torch.nn.Module, tokenizer: Any, names: list[str], batch_size: int = 256
 ) -> torch.Tensor:
-    """Centred, unit-length [CLS] vectors of entity names (our head initialisation)."""
+    """Centred, unit-length [CLS] vectors of entity names from `encoder` as it is (our
+    entity head initialisation, and the probe's candidate vectors)."""
     enc = tokenizer(names, truncation=True, max_length=32)
     seqs = Sequences.from_series(pl.Series(enc["input_ids"], dtype=pl.List(pl.Int32)))
-    out = torch.empty(len(names), model.encoder.config.hidden_size)
-    model.eval()
+    out = torch.empty(len(names), encoder.config.hidden_size)
+    was_training = encoder.training
+    encoder.eval()
     for idx in sequential_batches(len(seqs), batch_size, seqs.lengths):
         ids, mask = seqs.pad(idx, tokenizer.pad_token_id)
-        out[torch.from_numpy(idx)] = model.cls(ids, mask).float()
+        hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        out[torch.from_numpy(idx)] = hidden[:, 0].float()
+    encoder.train(was_training)
     out = out - out.mean(0, keepdim=True)
     return torch.nn.functional.normalize(out, dim=-1)
 
@@ -437,7 +441,7 @@ def pretrain_partition(
     )
     if cfg.head_init == "names":
         model.head.weight.data.copy_(
-            name_vectors(model, tokenizer, data.entities["name"].to_list())
+            name_vectors(model.encoder, tokenizer, data.entities["name"].to_list())
         )
         model.head.bias.data.zero_()
     model.to(device)

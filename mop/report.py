@@ -233,33 +233,77 @@ def _values(runs: pl.DataFrame, **match: object) -> np.ndarray:
     return sel["test"].to_numpy() * 100
 
 
-def mop_label(kg: str, mixture: str, several_mixtures: bool) -> str:
-    return f"+ MoP ({kg}, {mixture})" if several_mixtures else f"+ MoP ({kg})"
+METHOD_LABELS = {
+    "mop": "+ MoP",
+    "oracle": "+ oracle adapter",
+    "adapter": "+ adapter",
+    "zeroshot": "adapter zero-shot",
+}
+METHOD_ORDER = {"mop": 0, "adapter": 1, "oracle": 2, "zeroshot": 3}
+
+
+def setup_label(method: str, kg: str, mixture: str, several_mixtures: bool) -> str:
+    """Row label of a non-base setup, e.g. `+ MoP (kg)` or `+ oracle adapter (kg)`."""
+    label = METHOD_LABELS.get(method, f"+ {method}")
+    if method == "mop" and several_mixtures:
+        return f"{label} ({kg}, {mixture})"
+    return f"{label} ({kg})"
 
 
 # ----------------------------------------------------------------------------- tables
 
 
 def table_main(runs: pl.DataFrame) -> Table:
-    """Table 1: base models and base model + MoP per KG (and mixture) x tasks."""
+    """Table 1: base models, then base model + MoP per KG (and mixture), and any control
+    setups (oracle adapter, adapter zero-shot), x tasks."""
     tasks = sorted(runs["task"].unique().to_list())
-    mop = runs.filter(pl.col("method") == "mop")
-    several = mop["mixture"].n_unique() > 1
+    others = runs.filter(pl.col("method") != "base")
+    several = others.filter(pl.col("method") == "mop")["mixture"].n_unique() > 1
     seeds = sorted(runs["seed"].unique().to_list())
     table = Table("main", f"{MARKS} Seeds: {', '.join(map(str, seeds))}.", ["Model", *tasks])
     for model in sorted(runs["model"].unique().to_list()):
         base = {t: _values(runs, model=model, method="base", task=t) for t in tasks}
         table.rows.append([model, *[Cell(base[t]) if base[t].size else "-" for t in tasks]])
-        setups = mop.filter(pl.col("model") == model).select("kg", "mixture", "k", "scheme")
-        for kg, mixture, k, scheme in (
-            setups.unique().sort(["kg", "mixture", "k", "scheme"]).iter_rows()
-        ):
-            row: list[str | Cell] = [mop_label(kg, mixture, several)]
+        setups = (
+            others.filter(pl.col("model") == model)
+            .select("method", "kg", "mixture", "k", "scheme")
+            .unique()
+            .with_columns(order=pl.col("method").replace_strict(METHOD_ORDER, default=9))
+            .sort(["order", "kg", "mixture", "k", "scheme"])
+        )
+        for method, kg, mixture, k, scheme, _ in setups.iter_rows():
+            row: list[str | Cell] = [setup_label(method, kg, mixture, several)]
             for t in tasks:
-                v = _values(mop, model=model, task=t, kg=kg, mixture=mixture, k=k, scheme=scheme)
+                v = _values(
+                    others,
+                    model=model,
+                    task=t,
+                    method=method,
+                    kg=kg,
+                    mixture=mixture,
+                    k=k,
+                    scheme=scheme,
+                )
                 row.append(Cell(v, base[t]) if v.size else "-")
             table.rows.append(row)
     table.bold_best()
+    return table
+
+
+def table_probe_baselines(baseline_files: Sequence[str | Path]) -> Table:
+    """The KG probe's shortcut baselines (accuracy x 100 on dev and test)."""
+    table = Table(
+        "probe_baselines",
+        "KG probe: answers that use no knowledge of the "
+        "(disease, phenotype) pair; thresholds chosen on dev. Swapped-pair negatives "
+        "make every prior on one name alone score 50.",
+        ["Baseline", "dev", "test"],
+    )
+    for path in baseline_files:
+        for name, acc in read_json(path).items():
+            table.rows.append(
+                [name, f"{acc['dev_accuracy'] * 100:.2f}", f"{acc['test_accuracy'] * 100:.2f}"]
+            )
     return table
 
 

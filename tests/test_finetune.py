@@ -208,3 +208,63 @@ def test_same_seed_same_metrics_for_multi_label_and_choice(
         pl.read_parquet(tmp_path / "b" / "predictions.parquet")
     )
     assert a["history"] != c["history"]
+
+
+@pytest.fixture(scope="module")
+def pair_probe_dir(small_kg, small_partition, tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe_pair")
+    prepare(
+        small_kg,
+        small_partition,
+        out,
+        format="pair",
+        max_questions={"train": 96, "dev": 40, "test": 40},
+    )
+    return out
+
+
+@pytest.mark.parametrize("method", ["base", "mop", "oracle"])
+def test_bilinear_head_and_the_oracle_train(
+    method, tiny_spec, tiny_adapters, pair_probe_dir, tmp_path
+):
+    cfg = FinetuneConfig(
+        epochs=2, batch_size=8, lr=5e-4, lr_head=1e-2, seed=1, head="bilinear", save_model=False
+    )
+    m = finetune(tiny_spec, TASK, pair_probe_dir, method, tiny_adapters, cfg, tmp_path)
+    losses = [h["train_loss"] for h in m["history"]]
+    assert losses[-1] < losses[0]
+    assert (tmp_path / "predictions.parquet").is_file()
+
+
+def test_oracle_routes_each_example_to_its_own_adapter(tiny_spec, tiny_adapters):
+    from mop.finetune import Classifier
+
+    cfg = FinetuneConfig(head="linear")
+    model, _ = build_classifier(tiny_spec, TASK, "oracle", tiny_adapters, cfg)
+    assert isinstance(model, Classifier)
+    model.eval()
+    ids, mask = _batch(tiny_spec, n=4)
+    route = np.array([0, 2, 1, 2])
+    with torch.no_grad():
+        routed, _ = model(ids, mask, route=route)
+        for k in range(3):
+            model.encoder.set_active_adapters(f"p{k}")
+            alone, _ = model(ids, mask)
+            sel = route == k
+            torch.testing.assert_close(routed[torch.from_numpy(sel)], alone[torch.from_numpy(sel)])
+        model.encoder.set_active_adapters("p0")
+        p0, _ = model(ids, mask)
+    assert not torch.allclose(routed[1], p0[1])
+
+
+def test_zero_learning_rate_freezes_that_part(tiny_spec, tiny_adapters):
+    from mop.finetune import _param_groups
+
+    cfg = FinetuneConfig(lr=0.0, lr_adapters=0.0, lr_fusion=1e-3, lr_head=1e-3)
+    model, _ = build_classifier(tiny_spec, TASK, "mop", tiny_adapters, cfg)
+    names = {g["name"] for g in _param_groups(model, cfg)}
+    assert names <= {"fusion", "fusion_no_decay", "head", "head_no_decay"}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(
+        "adapter_fusion_layer" in n or n.startswith("head.") for n in trainable
+    )

@@ -59,7 +59,12 @@ def test_workflow_through_sbatch_equals_a_local_run(cluster, finished_run, tmp_p
             "task_probe",
             "finetune_base",
             "finetune_mop",
-            "report",
+            "table_main",
+            "table_kgs",
+            "table_mixtures",
+            "figure_adapters",
+            "figure_mixture",
+            "publish",
         )
     }
     assert len(list((logs / "rule_pretrain").rglob("*.log"))) == 2

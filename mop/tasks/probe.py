@@ -63,6 +63,7 @@ def build_probe(
     shares: tuple[float, float, float] = (0.6, 0.2, 0.2),
     max_questions: dict[str, int] | None = None,
     template: str = DEFAULT_TEMPLATE,
+    format: str = "question",
     seed: int = 0,
 ) -> dict[str, pl.DataFrame]:
     """The probe's train/dev/test questions (columns described in the module docstring)."""
@@ -122,14 +123,31 @@ def build_probe(
             raise MopError(f"tasks.probe: no {split} questions could be built from {partition_dir}")
         frame = frame.with_columns(
             id=pl.format("{}-{}-{}", pl.lit(split), pl.col("disease"), pl.col("phenotype")),
-            text_a=pl.struct("disease", "phenotype").map_elements(
-                lambda r: template.format(head=names[r["disease"]], tail=names[r["phenotype"]]),
-                return_dtype=pl.String,
-            ),
-            text_b=pl.lit(None, dtype=pl.String),
+            candidate=pl.col("phenotype").map_elements(lambda p: names[p], return_dtype=pl.String),
         )
+        if format == "pair":
+            frame = frame.with_columns(
+                text_a=pl.col("disease").map_elements(lambda d: names[d], return_dtype=pl.String),
+                text_b=pl.lit(relation),
+            )
+        else:
+            frame = frame.with_columns(
+                text_a=pl.struct("disease", "phenotype").map_elements(
+                    lambda r: template.format(head=names[r["disease"]], tail=names[r["phenotype"]]),
+                    return_dtype=pl.String,
+                ),
+                text_b=pl.lit(None, dtype=pl.String),
+            )
         out[split] = frame.select(
-            "id", "text_a", "text_b", "label", "pair", "partition", "disease", "phenotype"
+            "id",
+            "text_a",
+            "text_b",
+            "candidate",
+            "label",
+            "pair",
+            "partition",
+            "disease",
+            "phenotype",
         )
     return out
 

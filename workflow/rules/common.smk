@@ -159,8 +159,25 @@ def partition_experiment_metrics():
     )
 
 
+def probe_control_metrics():
+    """The KG probe's controls: the oracle adapter (fine-tuned) and the adapter zero-shot,
+    on the probe's own KG and partitioning."""
+    probe = config["tasks"].get("probe")
+    if "probe" not in FT["tasks"] or probe is None:
+        return []
+    out = []
+    for model in config["base_models"]:
+        where = f"{probe['kg']}/k{probe['k']}-metis"
+        if "oracle" in FT["methods"]:
+            out += [f"{R}/finetune/probe/{model}/oracle/{where}/seed{seed}/metrics.json"
+                    for seed in task_seeds(config, "probe")]
+        if probe.get("controls"):
+            out.append(f"{R}/finetune/probe/{model}/zeroshot/{where}/seed0/metrics.json")
+    return out
+
+
 def finetune_outputs():
-    return base_metrics() + mop_metrics()
+    return base_metrics() + mop_metrics() + probe_control_metrics()
 
 
 def adapter_metrics(k=None):
@@ -192,6 +209,8 @@ def report_outputs():
                 out.append(f"{R}/figures/figure3_shuffle.png")
     if len(partition_schemes()) > 1:
         out.append(f"{R}/tables/table3_shuffle.md")
+    if any("/zeroshot/" in p for p in probe_control_metrics()):
+        out.append(f"{R}/tables/probe_baselines.md")
     return out
 
 

@@ -122,3 +122,72 @@ rule finetune_mop:
         " --options {params.options:q} --threads {threads} --out {params.out}"
         " --experiment {params.experiment} --run-name {params.name:q} --tags {params.tags:q}"
         " --results {R} 2> {log:q}"
+
+
+rule finetune_oracle:
+    input:
+        task=f"{R}/tasks/{{task}}/summary.json",
+        adapters=lambda w: [f"{d}/adapter.safetensors" for d in adapter_dirs(w.kg, w.k, w.scheme, w.model)],
+    output:
+        [
+            f"{R}/finetune/{{task}}/{{model}}/oracle/{{kg}}/k{{k}}-{{scheme}}/seed{{seed}}/{f}"
+            for f in FINETUNE_OUTPUTS
+        ],
+    params:
+        options=lambda w: task_options(w.task),
+        models=lambda w: models_json(),
+        task_dir=lambda w: task_dir(w.task, w.seed),
+        adapters=lambda w: " ".join(adapter_dirs(w.kg, w.k, w.scheme, w.model)),
+        out=lambda w: f"{R}/finetune/{w.task}/{w.model}/oracle/{w.kg}/k{w.k}-{w.scheme}/seed{w.seed}",
+        tags=lambda w: tags(stage="finetune", task=w.task, model=w.model, method="oracle",
+                            kg=w.kg, k=w.k, scheme=w.scheme, seed=w.seed),
+        name=lambda w: f"finetune {w.task} {w.model} oracle {w.kg} k{w.k}-{w.scheme} seed{w.seed}",
+        experiment=config["experiment"],
+    threads: res("finetune", "threads")
+    resources:
+        **stage_resources("finetune"),
+    conda:
+        "../envs/mop.yaml"
+    log:
+        f"{R}/logs/finetune/{{task}}/{{model}}/oracle/{{kg}}/k{{k}}-{{scheme}}/seed{{seed}}.log",
+    shell:
+        "mop finetune --task {wildcards.task} --task-dir {params.task_dir} --method oracle"
+        " --adapters {params.adapters}"
+        " --model {wildcards.model} --models {params.models:q} --seed {wildcards.seed}"
+        " --options {params.options:q} --threads {threads} --out {params.out}"
+        " --experiment {params.experiment} --run-name {params.name:q} --tags {params.tags:q}"
+        " --results {R} 2> {log:q}"
+
+
+rule probe_controls:
+    input:
+        task=f"{R}/tasks/probe/summary.json",
+        adapters=lambda w: [f"{d}/adapter.safetensors" for d in adapter_dirs(w.kg, w.k, "metis", w.model)],
+    output:
+        metrics=f"{R}/finetune/probe/{{model}}/zeroshot/{{kg}}/k{{k}}-metis/seed0/metrics.json",
+        baselines=f"{R}/finetune/probe/{{model}}/zeroshot/{{kg}}/k{{k}}-metis/seed0/baselines.json",
+    params:
+        options=lambda w: as_json(config["tasks"]["probe"]),
+        models=lambda w: models_json(),
+        kg=lambda w: f"{R}/kg/{w.kg}",
+        partition=lambda w: f"{R}/partition/{w.kg}/k{w.k}-metis",
+        adapters=lambda w: " ".join(str(Path(d).parent) for d in adapter_dirs(w.kg, w.k, "metis", w.model)),
+        out=lambda w: f"{R}/finetune/probe/{w.model}/zeroshot/{w.kg}/k{w.k}-metis/seed0",
+        tags=lambda w: tags(stage="finetune", task="probe", model=w.model, method="zeroshot",
+                            kg=w.kg, k=w.k, scheme="metis", seed=0),
+        name=lambda w: f"probe controls {w.model} {w.kg} k{w.k}",
+        experiment=config["experiment"],
+    threads: res("finetune", "threads")
+    resources:
+        **stage_resources("finetune"),
+    conda:
+        "../envs/mop.yaml"
+    log:
+        f"{R}/logs/finetune/probe/{{model}}/zeroshot/{{kg}}/k{{k}}-metis.log",
+    shell:
+        "mop probe-controls --task-dir {R}/tasks/probe --kg {params.kg}"
+        " --partition {params.partition} --adapters {params.adapters}"
+        " --model {wildcards.model} --models {params.models:q} --options {params.options:q}"
+        " --threads {threads} --out {params.out}"
+        " --experiment {params.experiment} --run-name {params.name:q} --tags {params.tags:q}"
+        " --results {R} 2> {log:q}"

@@ -94,6 +94,23 @@ rule figure_shuffle:
         "mop report figure3 --runs {input} --out {params.out} 2> {log:q}"
 
 
+rule table_probe_baselines:
+    input:
+        [p.replace("metrics.json", "baselines.json") for p in probe_control_metrics()
+         if "/zeroshot/" in p],
+    output:
+        report(f"{R}/tables/probe_baselines.md", caption="../report/probe.rst",
+               category="Tables"),
+        f"{R}/tables/probe_baselines.csv",
+        f"{R}/tables/probe_baselines.tex",
+    params:
+        out=f"{R}/tables",
+    log:
+        f"{R}/logs/report/probe_baselines.log",
+    shell:
+        "mop report probe-baselines --stats {input} --out {params.out} 2> {log:q}"
+
+
 rule figure_adapters:
     input:
         adapter_metrics(),
