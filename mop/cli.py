@@ -267,6 +267,8 @@ def cmd_report(args: argparse.Namespace) -> None:
         paths = report.table_main(runs).write(args.out, "main")
     elif what == "table2":
         paths = report.table_kgs(args.stats).write(args.out, "table2_kgs")
+    elif what == "table3":
+        paths = report.table_shuffle(args.stats).write(args.out, "table3_shuffle")
     elif what == "table4":
         paths = report.table_k(runs, args.stats).write(args.out, "table4_partitions")
     elif what == "probe-baselines":
@@ -448,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[
             "table1",
             "table2",
+            "table3",
             "table4",
             "table6",
             "probe-baselines",

@@ -12,6 +12,7 @@ Both run in the Snakefile before the DAG is built, and in `mop check-config`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,7 @@ def check_tasks(config: dict[str, Any]) -> None:
 def preflight(config: dict[str, Any]) -> None:
     """Checks that need more than the schema; raise MopError on the first problem."""
     from mop.models import resolve_model
+    from mop.partition import scheme_name
 
     for alias in config["models"]:
         safe_name(alias, f"models.{alias}")
@@ -151,6 +153,17 @@ def preflight(config: dict[str, Any]) -> None:
     for name in ft.get("kgs") or []:
         if name not in config["kgs"]:
             raise MopError(f"config key finetune.kgs: unknown KG {name!r}")
+    for rate in config["partition"]["shuffle"]:
+        if not re.fullmatch(r"metis|shuffle[0-9.]+", scheme_name(rate)):
+            raise MopError(
+                f"config key partition.shuffle: rate {rate} is too small to name a scheme "
+                "folder (use 0 or at least 0.0001)"
+            )
+    if ft["partition_experiments"] and "mop" not in ft["methods"]:
+        raise MopError(
+            "config key finetune.partition_experiments: MoP runs for every K and shuffle "
+            "rate need mop in finetune.methods"
+        )
     ks = set(config["partition"]["k"])
     if "mop" in ft["methods"] and ft["k"] not in ks:
         raise MopError(f"config key finetune.k: {ft['k']} is not one of partition.k {sorted(ks)}")

@@ -78,9 +78,10 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def write_parquet(df: pl.DataFrame, path: str | Path) -> None:
+def write_parquet(df: pl.DataFrame, path: str | Path, **options: Any) -> None:
+    """Write atomically; `options` go to `DataFrame.write_parquet` (e.g. compression)."""
     with atomic_path(path) as tmp:
-        df.write_parquet(tmp)
+        df.write_parquet(tmp, **options)
 
 
 def _json_default(obj: Any) -> Any:

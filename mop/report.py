@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
+from mop.errors import MopError
 from mop.io import atomic_path, read_json
 
 SETUP = ["task", "model", "method", "mixture", "kg", "k", "scheme"]
@@ -515,3 +516,84 @@ def figure_mixture(
     )
     fig.text(0.01, -0.02, questions, va="top", ha="left", fontsize=8, family="monospace")
     return _save(fig, out)
+
+
+# ----------------------------------------------------------------------------- Table 3
+
+SHUFFLE_CAPTION = (
+    "Training triples (head and tail in the same partition) of METIS partitions whose "
+    "entities are shuffled at the given rate (paper section 3.6); in brackets the share of "
+    "the rate-0 (METIS) count. Rate 100%: a random partition with the METIS partition sizes."
+)
+PARTITION_KEYS = ("k", "shuffle", "triples", "triples_retained")
+
+
+def partition_rows(stats_files: Sequence[str | Path]) -> pl.DataFrame:
+    """One row per partition stats file: kg, k, shuffle, triples, triples_retained, share.
+
+    The KG name is the folder two levels up (`partition/<kg>/k<K>-<scheme>/stats.json`);
+    `share` is the retained count in percent of the same KG and K's rate-0 count. Rows
+    keep the order of `stats_files`, which also orders the table's columns.
+    """
+    rows = []
+    for f in stats_files:
+        if not Path(f).is_file():
+            raise MopError(f"{f}: file not found")
+        s = read_json(f)
+        missing = [key for key in PARTITION_KEYS if key not in s]
+        if missing:
+            raise MopError(f"{f}: not a partition stats file (no {', '.join(missing)})")
+        rows.append({"kg": Path(f).parent.parent.name, **{key: s[key] for key in PARTITION_KEYS}})
+    schema = {
+        "kg": pl.String,
+        "k": pl.Int64,
+        "shuffle": pl.Float64,
+        "triples": pl.Int64,
+        "triples_retained": pl.Int64,
+    }
+    df = pl.DataFrame(rows, schema=schema).unique(["kg", "k", "shuffle"], maintain_order=True)
+    base = df.filter(pl.col("shuffle") == 0).select("kg", "k", base="triples_retained")
+    return (
+        df.join(base, on=["kg", "k"], how="left", maintain_order="left")
+        .with_columns(share=100 * pl.col("triples_retained") / pl.col("base"))
+        .drop("base")
+    )
+
+
+@dataclass
+class CountTable(Table):
+    """A table of formatted counts whose CSV holds the raw numbers, one row per setup."""
+
+    numbers: pl.DataFrame = field(default_factory=pl.DataFrame)
+
+    def frame(self) -> pl.DataFrame:
+        return self.numbers
+
+
+def table_shuffle(stats_files: Sequence[str | Path]) -> CountTable:
+    """Table 3: retained triples per shuffle rate (rows) and KG (columns; and K if several),
+    cells "count (share of the rate-0 count %)"."""
+    rows = partition_rows(stats_files)
+    columns = rows.select("kg", "k").unique(maintain_order=True).rows()
+    several_k = len({k for _, k in columns}) > 1
+    ks = ", ".join(str(k) for k in sorted({k for _, k in columns}))
+    table = CountTable(
+        "shuffle",
+        f"{SHUFFLE_CAPTION} K = {ks}.",
+        ["Shuffle rate", *[f"{kg} (K = {k})" if several_k else kg for kg, k in columns]],
+        numbers=rows,
+    )
+    for rate in sorted(set(rows["shuffle"].to_list())):
+        cells = [f"{rate * 100:g}%"]
+        for kg, k in columns:
+            hit = rows.filter(
+                (pl.col("kg") == kg) & (pl.col("k") == k) & (pl.col("shuffle") == rate)
+            )
+            if hit.height == 0:
+                cells.append("-")
+                continue
+            r = hit.row(0, named=True)
+            share = "-" if r["share"] is None else f"{r['share']:.1f}%"
+            cells.append(f"{r['triples_retained']:,} ({share})")
+        table.rows.append(cells)
+    return table

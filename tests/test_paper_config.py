@@ -68,7 +68,7 @@ def test_dry_run_lists_the_papers_jobs(tmp_path):
     assert (models, kgs, k, runs) == (3, 2, 20, 5 + 10 + 10 + 10 + 3 + 3)
     assert jobs == {
         "kg": kgs,
-        "partition": kgs,
+        "partition": kgs * 6,  # METIS and the five shuffle rates of Table 3
         "tokenize": kgs * models,
         "pretrain": kgs * models * k,
         "task_data": 5,  # hoc, bioasq7b, bioasq8b, mednli, medqa
@@ -77,12 +77,13 @@ def test_dry_run_lists_the_papers_jobs(tmp_path):
         "finetune_mop": models * runs * kgs,
         "table_main": 1,  # Table 1
         "table_kgs": 1,  # Table 2
+        "table_shuffle": 1,  # Table 3
         "figure_adapters": 1,  # Figure 2
         "figure_mixture": 1,  # Figure 4
         "publish": 1,  # the MLflow report run
         "all": 1,
     }
-    assert sum(jobs.values()) == 511
+    assert sum(jobs.values()) == 522
     # per-task settings reach the jobs; PubMedQA run i reads fold i
     commands = [
         c for c in result.stdout.splitlines() if c.startswith("Shell command: mop finetune")

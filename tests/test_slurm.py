@@ -61,6 +61,7 @@ def test_workflow_through_sbatch_equals_a_local_run(cluster, finished_run, tmp_p
             "finetune_mop",
             "table_main",
             "table_kgs",
+            "table_shuffle",
             "table_mixtures",
             "figure_adapters",
             "figure_mixture",

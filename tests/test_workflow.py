@@ -22,6 +22,20 @@ def test_partitions_add_up(finished_run):
     assert members["entity"].n_unique() == kg["entities"]
 
 
+def test_table3_from_every_shuffle_rate(finished_run):
+    r = finished_run / "results" / "partition" / "hpo-tiny"
+    sizes = read_json(r / "k2-metis" / "stats.json")["entities_per_partition"]
+    csv = pl.read_csv(finished_run / "results" / "tables" / "table3_shuffle.csv")
+    assert csv["shuffle"].to_list() == [0.0, 0.1, 0.2, 0.4, 0.8, 1.0]
+    for row in csv.iter_rows(named=True):
+        scheme = "metis" if row["shuffle"] == 0 else f"shuffle{row['shuffle']!r}"
+        stats = read_json(r / f"k2-{scheme}" / "stats.json")
+        assert row["triples_retained"] == stats["triples_retained"]
+        assert stats["entities_per_partition"] == sizes
+    md = (finished_run / "results" / "tables" / "table3_shuffle.md").read_text()
+    assert "| Shuffle rate | hpo-tiny |" in md and "| 0% |" in md and "(100.0%) |" in md
+
+
 def test_adapters_reload_with_the_same_predictions(finished_run):
     r = finished_run / "results"
     config = {

@@ -13,6 +13,7 @@ from mop.config import (
     validate_config,
 )
 from mop.errors import MopError
+from mop.partition import scheme_name, scheme_rate
 from mop.tasks import DATA_TASKS, data_files, get_task
 
 try:
@@ -74,7 +75,22 @@ def stage_resources(stage):
 
 
 def shuffle_rate(scheme):
-    return 0.0 if scheme == "metis" else float(scheme.removeprefix("shuffle"))
+    return scheme_rate(scheme)
+
+
+def partition_schemes():
+    """`metis` and one `shuffle<rate>` per nonzero rate in partition.shuffle."""
+    return list(dict.fromkeys(["metis", *map(scheme_name, config["partition"]["shuffle"])]))
+
+
+def partition_stats(schemes=None):
+    """stats.json of every KG x K x scheme partition the config asks for."""
+    return [
+        f"{R}/partition/{kg}/k{k}-{scheme}/stats.json"
+        for kg in config["kgs"]
+        for k in dict.fromkeys(config["partition"]["k"])
+        for scheme in (schemes or partition_schemes())
+    ]
 
 
 def adapter_dirs(kg, k, scheme, model):
@@ -133,6 +149,16 @@ def mop_metrics(ks=None, schemes=("metis",), mixtures=None):
     ]
 
 
+def partition_experiment_metrics():
+    """With finetune.partition_experiments: MoP runs for every K with METIS (Table 4) and
+    for every shuffle scheme at finetune.k (Figure 3)."""
+    if not FT["partition_experiments"]:
+        return []
+    return mop_metrics(ks=list(dict.fromkeys(config["partition"]["k"]))) + mop_metrics(
+        schemes=partition_schemes()
+    )
+
+
 def probe_control_metrics():
     """The KG probe's controls: the oracle adapter (fine-tuned) and the adapter zero-shot,
     on the probe's own KG and partitioning."""
@@ -177,10 +203,22 @@ def report_outputs():
         out += [f"{R}/figures/figure2_adapters.png", f"{R}/figures/figure4_mixture.png"]
         if len(FT["mixtures"]) > 1:
             out.append(f"{R}/tables/table6_mixtures.md")
+        if FT["partition_experiments"]:
+            out.append(f"{R}/tables/table4_partitions.md")
+            if len(partition_schemes()) > 1:
+                out.append(f"{R}/figures/figure3_shuffle.png")
+    if len(partition_schemes()) > 1:
+        out.append(f"{R}/tables/table3_shuffle.md")
     if any("/zeroshot/" in p for p in probe_control_metrics()):
         out.append(f"{R}/tables/probe_baselines.md")
     return out
 
 
 def final_outputs():
-    return [*report_outputs(), f"{R}/report/run.json", *finetune_outputs()]
+    return [
+        *report_outputs(),
+        f"{R}/report/run.json",
+        *finetune_outputs(),
+        *partition_experiment_metrics(),
+        *partition_stats(),
+    ]

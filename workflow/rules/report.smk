@@ -46,6 +46,54 @@ rule table_mixtures:
         "mop report table6 --runs {input} --out {params.out} 2> {log:q}"
 
 
+rule table_shuffle:
+    input:
+        partition_stats(),
+    output:
+        report(f"{R}/tables/table3_shuffle.md", caption="../report/table3.rst", category="Tables"),
+        f"{R}/tables/table3_shuffle.csv",
+        f"{R}/tables/table3_shuffle.tex",
+    params:
+        out=f"{R}/tables",
+    log:
+        f"{R}/logs/report/table3.log",
+    shell:
+        "mop report table3 --stats {input} --out {params.out} 2> {log:q}"
+
+
+rule table_partitions:
+    input:
+        runs=mop_metrics(ks=list(dict.fromkeys(config["partition"]["k"]))),
+        stats=partition_stats(schemes=["metis"]),
+    output:
+        report(f"{R}/tables/table4_partitions.md", caption="../report/table4.rst",
+               category="Tables"),
+        f"{R}/tables/table4_partitions.csv",
+        f"{R}/tables/table4_partitions.tex",
+    params:
+        out=f"{R}/tables",
+    log:
+        f"{R}/logs/report/table4.log",
+    shell:
+        "mop report table4 --runs {input.runs} --stats {input.stats} --out {params.out}"
+        " 2> {log:q}"
+
+
+rule figure_shuffle:
+    input:
+        mop_metrics(schemes=partition_schemes()),
+    output:
+        report(f"{R}/figures/figure3_shuffle.png", caption="../report/figure3.rst",
+               category="Figures"),
+        f"{R}/figures/figure3_shuffle.pdf",
+    params:
+        out=f"{R}/figures/figure3_shuffle",
+    log:
+        f"{R}/logs/report/figure3.log",
+    shell:
+        "mop report figure3 --runs {input} --out {params.out} 2> {log:q}"
+
+
 rule table_probe_baselines:
     input:
         [p.replace("metrics.json", "baselines.json") for p in probe_control_metrics()
