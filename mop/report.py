@@ -271,8 +271,12 @@ def table_main(runs: pl.DataFrame) -> Table:
             .with_columns(order=pl.col("method").replace_strict(METHOD_ORDER, default=9))
             .sort(["order", "kg", "mixture", "k", "scheme"])
         )
+        places = setups.select("k", "scheme").unique().height > 1
         for method, kg, mixture, k, scheme, _ in setups.iter_rows():
-            row: list[str | Cell] = [setup_label(method, kg, mixture, several)]
+            label = setup_label(method, kg, mixture, several)
+            if places:  # several partitionings: say which one
+                label = f"{label[:-1]}, K={k} {scheme})"
+            row: list[str | Cell] = [label]
             for t in tasks:
                 v = _values(
                     others,

@@ -99,12 +99,13 @@ def test_tracking_server_down_loses_nothing_and_logs_each_run_once(tmp_path, mlf
     record = read_json(work / "results/finetune/probe/tiny/base/seed0/run.json")
     assert {m[0] for m in record["metrics"]} >= {"train_loss", "dev_accuracy", "test_accuracy"}
 
-    assert sync_all(work / "results", mlflow_server) == {"logged": 1}
-    assert sync_all(work / "results", mlflow_server) == {"present": 1}
+    # the kg job's run and the fine-tuning run, each logged once
+    assert sync_all(work / "results", mlflow_server) == {"logged": 2}
+    assert sync_all(work / "results", mlflow_server) == {"present": 2}
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("mop-offline")
     runs = client.search_runs([exp.experiment_id])
-    assert sorted(r.data.tags["stage"] for r in runs) == ["finetune", "workflow"]
+    assert sorted(r.data.tags["stage"] for r in runs) == ["finetune", "kg", "workflow"]
     runs = [r for r in runs if r.data.tags["stage"] == "finetune"]
     assert [r.info.run_name for r in runs] == ["finetune probe tiny base seed0"]
     assert (

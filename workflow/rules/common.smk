@@ -191,6 +191,8 @@ def adapter_metrics(k=None):
 
 def first_mixture_file():
     """The mixture weights of the first MoP setup's first seed (Figure 4)."""
+    if not FT["tasks"] or "mop" not in FT["methods"]:
+        return []
     task, model, kg = FT["tasks"][0], config["base_models"][0], mop_kgs()[0]
     return (f"{R}/finetune/{task}/{model}/mop-{FT['mixtures'][0]}/{kg}/k{FT['k']}-metis/"
             f"seed{task_seeds(config, task)[0]}/mixture.parquet")
@@ -198,7 +200,10 @@ def first_mixture_file():
 
 def report_outputs():
     """Tables and figures the config has data for."""
-    out = [f"{R}/tables/main.md", f"{R}/tables/table2_kgs.md"]
+    out = [f"{R}/tables/table2_kgs.md"]
+    if not FT["tasks"]:
+        return out
+    out.append(f"{R}/tables/main.md")
     if "mop" in FT["methods"]:
         out += [f"{R}/figures/figure2_adapters.png", f"{R}/figures/figure4_mixture.png"]
         if len(FT["mixtures"]) > 1:
