@@ -137,6 +137,7 @@ class Table:
     caption: str
     header: list[str]
     rows: list[list[str | Cell]] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)
 
     def bold_best(self, first: int = 1) -> None:
         """Bold the highest mean of every cell column (ties all bold)."""
@@ -153,7 +154,8 @@ class Table:
 
         lines = ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
         lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in self.rows]
-        return "\n".join(lines) + "\n\n" + self.caption + "\n"
+        found = "".join(f"- {f}\n" for f in self.findings)
+        return "\n".join(lines) + "\n\n" + self.caption + "\n" + (f"\n{found}" if found else "")
 
     def latex(self) -> str:
         def esc(text: str) -> str:
@@ -289,9 +291,28 @@ def table_main(runs: pl.DataFrame) -> Table:
                     scheme=scheme,
                 )
                 row.append(Cell(v, base[t]) if v.size else "-")
+                if v.size and base[t].size and method in ("mop", "oracle"):
+                    table.findings.append(finding(t, model, label, Cell(v, base[t])))
             table.rows.append(row)
     table.bold_best()
     return table
+
+
+def finding(task: str, model: str, label: str, cell: Cell) -> str:
+    """One plain sentence on whether a setup beats its base model on a task."""
+    base = float(cell.base.mean())
+    p = cell.p_value
+    if cell.dagger:
+        verdict = "a significant gain"
+    elif p is not None and p < 0.05:
+        verdict = "a significant loss"
+    else:
+        verdict = "no significant difference"
+    p_text = f"Welch p = {p:.2g}" if p is not None else "too few seeds for a test"
+    return (
+        f"{task}, {model} {label}: {cell.mean:.2f} vs {base:.2f} for the base model "
+        f"({cell.mean - base:+.2f} points, {p_text}): {verdict}."
+    )
 
 
 def table_probe_baselines(baseline_files: Sequence[str | Path]) -> Table:

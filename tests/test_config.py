@@ -109,6 +109,9 @@ def test_every_key_of_the_schema_is_documented():
                 yield from keys(sub, f"{path}{key}.")
 
     forms = ("`{k}`", "`{k}:", "`{k}.", "{k}`")
-    missing = [path for path, key in keys(schema, "")
-               if not any(form.format(k=key) in doc for form in forms)]
+    missing = [
+        path
+        for path, key in keys(schema, "")
+        if not any(form.format(k=key) in doc for form in forms)
+    ]
     assert missing == []

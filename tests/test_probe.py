@@ -79,8 +79,12 @@ def test_controls_zero_shot_and_shortcut_baselines(
     base = shortcut_baselines(tiny_spec, task, small_kg, tmp_path / "baselines.json")
     # Swapped pairs: each test phenotype and disease is once "yes" and once "no", so the
     # priors learned on the training split cannot beat a coin on test.
-    for name in ("majority class", "disease prior (train yes rate)",
-                 "phenotype prior (train yes rate)", "phenotype annotations in the KG"):
+    for name in (
+        "majority class",
+        "disease prior (train yes rate)",
+        "phenotype prior (train yes rate)",
+        "phenotype annotations in the KG",
+    ):
         assert base[name]["test_accuracy"] == 0.5, name
     assert set(base) == {
         "majority class",

@@ -110,3 +110,13 @@ def test_figures_from_fixture_data(tmp_path, runs):
     )
     out = figure_shuffle(shuffled, tmp_path / "fig" / "figure3")
     assert out[0].stat().st_size > 10_000
+
+
+def test_findings_state_each_comparison_plainly(runs):
+    md = table_main(runs).markdown()
+    assert (
+        "- probe, m + MoP (g, softmax): 62.00 vs 52.00 for the base model (+10.00 points, "
+        "Welch p = 0.0036): a significant gain."
+    ) in md
+    assert "+ MoP (g, gumbel-t0.5): 52.00 vs 52.00 for the base model (+0.00 points" in md
+    assert "no significant difference." in md
