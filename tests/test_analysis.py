@@ -447,3 +447,12 @@ def test_a_bad_analysis_stops_the_workflow_before_any_job(tmp_path):
     assert result.returncode != 0
     assert "config key analysis.subsets.best.top: ranking" in result.stderr + result.stdout
     assert not (work / "results").exists()
+
+
+def test_every_analysis_key_is_documented():
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    doc = (REPO / "config" / "README.md").read_text()
+    section = doc[doc.index("## `analysis`") : doc.index("## `resources.<stage>`")]
+    analysis = schema["properties"]["analysis"]["properties"]
+    for key in [*analysis, *analysis["topics"]["properties"], "top", "bottom", "partitions"]:
+        assert f"`{key}" in section, key

@@ -1,5 +1,7 @@
 """The whole Snakemake DAG on the tiny test config, in a temporary folder."""
 
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -139,7 +141,7 @@ def test_single_adapters_rank_and_the_subset_loads_the_top_adapter(finished_run)
     assert [x["mean"] for x in sel["ranking"]] == sorted(dev.values(), reverse=True)
     one = runs / "mop-softmax" / "hpo-tiny" / "k2-metis" / "subset-top1" / "seed0"
     record = read_json(one / "run.json")
-    assert record["params"]["adapters"] == [
+    assert json.loads(record["params"]["adapters"]) == [
         f"results/adapters/hpo-tiny/k2-metis/tiny/p{best}/adapter"
     ]
     assert record["tags"]["partitions"] == str(best)
