@@ -258,6 +258,31 @@ def cmd_probe_controls(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_select_subsets(args: argparse.Namespace) -> None:
+    from mop.report import load_runs
+    from mop.subsets import write_selection
+
+    runs = load_runs(args.runs or [])
+    record = write_selection(runs, args.subsets, args.k, args.out, args.rank_by)
+    _log(
+        "subsets: "
+        + "; ".join(f"{n} {s['partitions']}" for n, s in record["subsets"].items())
+        + f" -> {args.out}"
+    )
+
+
+def cmd_topics(args: argparse.Namespace) -> None:
+    from mop.topics import run_topics
+
+    info = run_topics(
+        args.kg, args.partition, args.out, groups=args.groups, terms=args.terms, seed=args.seed
+    )
+    _log(
+        f"topics: {info['partitions']} partitions in {info['groups']} groups, "
+        f"{info['vocabulary']} terms -> {args.out}"
+    )
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from mop import report
 
@@ -282,6 +307,12 @@ def cmd_report(args: argparse.Namespace) -> None:
         paths = report.figure_shuffle(runs, args.out)
     elif what == "figure4":
         paths = report.figure_mixture(args.mixture, args.out)
+    elif what == "single-adapters":
+        paths = report.table_single_adapters(runs).write(args.out, "single_adapters")
+    elif what == "subsets":
+        paths = report.table_subsets(runs, args.stats).write(args.out, args.name or "subsets")
+    elif what == "figure-topics":
+        paths = report.figure_topics(args.terms, args.groups, args.out, args.mixture)
     else:
         raise MopError(f"unknown report {what!r}")
     _log(f"report {what}: {', '.join(str(p) for p in paths)}")
@@ -444,6 +475,26 @@ def build_parser() -> argparse.ArgumentParser:
     _tracking_args(p)
     p.set_defaults(func=cmd_probe_controls)
 
+    p = sub.add_parser(
+        "select-subsets",
+        help="rank adapters by their single-adapter runs and write the subsets for MoP",
+    )
+    p.add_argument("--runs", nargs="*", help="metrics.json of the single-adapter runs")
+    p.add_argument("--subsets", type=_json, required=True, help="the analysis.subsets section")
+    p.add_argument("--k", type=int, required=True, help="number of partitions")
+    p.add_argument("--rank-by", default="dev", choices=["train", "dev", "test"])
+    p.add_argument("--out", required=True, help="the selection (JSON)")
+    p.set_defaults(func=cmd_select_subsets)
+
+    p = sub.add_parser("topics", help="TF-IDF terms and k-means groups of the partitions")
+    p.add_argument("--kg", required=True, help="a KG folder")
+    p.add_argument("--partition", required=True, help="a partition folder of that KG")
+    p.add_argument("--groups", type=int, default=6, help="k-means groups (at most K)")
+    p.add_argument("--terms", type=int, default=20, help="top terms kept per partition")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_topics)
+
     p = sub.add_parser("report", help="a table or figure of the paper from finished runs")
     p.add_argument(
         "what",
@@ -457,14 +508,24 @@ def build_parser() -> argparse.ArgumentParser:
             "figure2",
             "figure3",
             "figure4",
+            "single-adapters",
+            "subsets",
+            "figure-topics",
         ],
     )
     p.add_argument("--runs", nargs="*", help="metrics.json files of fine-tuning runs")
-    p.add_argument("--stats", nargs="*", help="stats.json files of KGs or partitions")
+    p.add_argument(
+        "--stats",
+        nargs="*",
+        help="stats.json files of KGs or partitions; subsets.json files (subsets)",
+    )
+    p.add_argument("--terms", help="terms.csv of `mop topics` (figure-topics)")
+    p.add_argument("--groups", help="groups.csv of `mop topics` (figure-topics)")
     p.add_argument("--adapters", nargs="*", help="metrics.json files of adapters")
     p.add_argument("--single-runs", nargs="*", help="metrics.json of single-adapter runs")
     p.add_argument("--mixture", help="mixture.parquet of a MoP run")
     p.add_argument("--out", required=True, help="folder (tables) or path stem (figures)")
+    p.add_argument("--name", help="file stem of the table (subsets)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("publish", help="sync runs to MLflow and log tables and figures")

@@ -134,6 +134,35 @@ def check_tasks(config: dict[str, Any]) -> None:
         raise MopError("\n".join(missing))
 
 
+def check_analysis(config: dict[str, Any]) -> None:
+    """The analysis' tasks are fine-tuned, and its subsets fit K and have their ranking."""
+    an, ft = config["analysis"], config["finetune"]
+    for task in an.get("tasks") or []:
+        if task not in ft["tasks"]:
+            raise MopError(
+                f"config key analysis.tasks: {task} is not in finetune.tasks {ft['tasks']}"
+            )
+    k = ft["k"]
+    for name, rule in an["subsets"].items():
+        [(how, value)] = rule.items()
+        if how in ("top", "bottom"):
+            if not an["single_adapters"]:
+                raise MopError(
+                    f"config key analysis.subsets.{name}.{how}: ranking the adapters needs "
+                    "the single-adapter runs (analysis.single_adapters: true)"
+                )
+            if value > k:
+                raise MopError(
+                    f"config key analysis.subsets.{name}.{how}: {value} adapters of "
+                    f"finetune.k = {k}"
+                )
+        elif max(value) >= k:
+            raise MopError(
+                f"config key analysis.subsets.{name}.partitions: {max(value)} is not a "
+                f"partition of finetune.k = {k} (ids 0..{k - 1})"
+            )
+
+
 def preflight(config: dict[str, Any]) -> None:
     """Checks that need more than the schema; raise MopError on the first problem."""
     from mop.models import resolve_model
@@ -177,6 +206,7 @@ def preflight(config: dict[str, Any]) -> None:
             raise MopError(f"config key tasks.probe.kg: unknown KG {probe['kg']!r}")
         ks.add(probe["k"])
     check_tasks(config)
+    check_analysis(config)
     results = Path(config["results"])
     for name, kg_cfg in config["kgs"].items():
         n = kg_entity_count(name, kg_cfg, results)

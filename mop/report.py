@@ -48,6 +48,7 @@ def load_runs(metric_files: Sequence[str | Path]) -> pl.DataFrame:
                 "k": int(tags["k"]) if tags.get("k") else None,
                 "scheme": tags.get("scheme", ""),
                 "partition": int(tags["partition"]) if tags.get("partition") else None,
+                "subset": tags.get("subset", ""),
                 "seed": int(tags["seed"]),
                 "metric": main,
                 "train": m.get(f"train_{main}"),
@@ -65,6 +66,7 @@ def load_runs(metric_files: Sequence[str | Path]) -> pl.DataFrame:
         "k": pl.Int64,
         "scheme": pl.String,
         "partition": pl.Int64,
+        "subset": pl.String,
         "seed": pl.Int64,
         "metric": pl.String,
         "train": pl.Float64,
@@ -229,10 +231,15 @@ MARKS = (
 
 
 def _values(runs: pl.DataFrame, **match: object) -> np.ndarray:
+    return _split_values(runs, "test", **match)
+
+
+def _split_values(runs: pl.DataFrame, split: str, **match: object) -> np.ndarray:
+    """One split's main metric x 100 of the runs matching every given tag."""
     sel = runs
     for key, value in match.items():
         sel = sel.filter(pl.col(key).is_null() if value is None else pl.col(key) == value)
-    return sel["test"].to_numpy() * 100
+    return sel[split].drop_nulls().to_numpy() * 100
 
 
 METHOD_LABELS = {
@@ -401,6 +408,125 @@ def table_mixtures(runs: pl.DataFrame) -> Table:
     return table
 
 
+def _setup_label(model: str, kg: str, k: int | None) -> str:
+    return f"{model} / {kg} / {k}"
+
+
+def _cell(values: np.ndarray, base: np.ndarray | None = None) -> Cell | str:
+    return Cell(values, base) if values.size else "-"
+
+
+def _splits(runs: pl.DataFrame, base: np.ndarray | None, **match: object) -> list[Cell | str]:
+    """train / dev / test cells of the matching runs; the test cell is marked against base."""
+    return [
+        _cell(_split_values(runs, split, **match), base if split == "test" else None)
+        for split in ("train", "dev", "test")
+    ]
+
+
+def table_single_adapters(runs: pl.DataFrame) -> Table:
+    """Figure 2 as a table: each partition's adapter fine-tuned alone, per task and setup,
+    sorted by mean test metric (ties by partition), under the base model's row."""
+    single = runs.filter(pl.col("method") == "adapter")
+    table = Table(
+        "single_adapters",
+        "Each sub-graph's adapter fine-tuned alone with the base model (method adapter), "
+        "sorted by mean test metric. Metric x 100, mean ± std over seeds; ↑: mean above the "
+        "base model's; †: two-sided Welch t-test against the base model's runs, p < 0.05.",
+        ["Task", "Model / KG / K", "Sub-graph", "dev", "test"],
+    )
+    setups = single.select("task", "model", "kg", "k").unique().sort(["task", "model", "kg", "k"])
+    for task, model, kg, k in setups.iter_rows():
+        label = _setup_label(model, kg, k)
+        base = {
+            split: _split_values(runs, split, task=task, model=model, method="base")
+            for split in ("dev", "test")
+        }
+        if base["test"].size:
+            table.rows.append([task, label, "base model", _cell(base["dev"]), _cell(base["test"])])
+        group = single.filter(
+            (pl.col("task") == task)
+            & (pl.col("model") == model)
+            & (pl.col("kg") == kg)
+            & (pl.col("k") == k)
+        )
+        order = (
+            group.group_by("partition")
+            .agg(pl.col("test").mean())
+            .sort(["test", "partition"], descending=[True, False])["partition"]
+        )
+        for part in order.to_list():
+            table.rows.append(
+                [
+                    task,
+                    label,
+                    str(part),
+                    *[
+                        _cell(_split_values(group, split, partition=part), base[split])
+                        for split in ("dev", "test")
+                    ],
+                ]
+            )
+    return table
+
+
+def table_subsets(runs: pl.DataFrame, selection_files: Sequence[str | Path]) -> Table:
+    """Tables 7 and 8: each adapter alone (train/dev/test), ranked as the subsets were
+    chosen, then MoP over each subset, MoP over all K adapters and the base model."""
+    tasks = set()
+    table = Table("subsets", "", ["Model / KG / K", "Adapters", "Subsets", "train", "dev", "test"])
+    for path in selection_files:
+        sel = read_json(path)
+        task, model, kg, k = sel["task"], sel["model"], sel["kg"], int(sel["k"])
+        tasks.add(task)
+        label = _setup_label(model, kg, k)
+        here = runs.filter(
+            (pl.col("task") == task)
+            & (pl.col("model") == model)
+            & ((pl.col("kg") == kg) & (pl.col("k") == k) | (pl.col("method") == "base"))
+        )
+        base = _split_values(here, "test", method="base")
+        member = {
+            p: [name for name, s in sel["subsets"].items() if p in s["partitions"]]
+            for p in range(k)
+        }
+
+        ranked = [r["partition"] for r in sel["ranking"]] or list(range(k))
+        for part in ranked:
+            table.rows.append(
+                [
+                    label,
+                    str(part),
+                    ", ".join(member[part]) or "-",
+                    *_splits(here, base, method="adapter", partition=part),
+                ]
+            )
+        for name, s in sel["subsets"].items():
+            parts = ", ".join(map(str, s["partitions"]))
+            table.rows.append(
+                [
+                    label,
+                    f"MoP over {name} ({s['rule']}: {parts})",
+                    name,
+                    *_splits(here, base, method="mop", subset=name),
+                ]
+            )
+        table.rows.append(
+            [label, f"MoP over all {k}", "-", *_splits(here, base, method="mop", subset="")]
+        )
+        if base.size:
+            table.rows.append([label, "base model", "-", *_splits(here, None, method="base")])
+    ranks = sorted({read_json(p)["rank_by"] for p in selection_files})
+    table.caption = (
+        f"{', '.join(sorted(tasks))}: each sub-graph's adapter fine-tuned alone, ranked by its "
+        f"mean {'/'.join(ranks)} metric (best first), and MoP over subsets of the adapters "
+        "chosen by that ranking or listed, over all K adapters, and the base model. Main "
+        "metric x 100, mean ± std over seeds; ↑ / †: test mean above the base model's / "
+        "two-sided Welch t-test against it, p < 0.05."
+    )
+    return table
+
+
 # ----------------------------------------------------------------------------- figures
 
 
@@ -466,18 +592,23 @@ def figure_adapters(
     if panels > len(groups):
         ax = axes[-1, 0]
         per = (
-            single_runs.group_by(["task", "partition"])
+            single_runs.with_columns(
+                setup=pl.concat_str(
+                    "task", "model", "kg", pl.col("k").cast(pl.String), separator=" / "
+                )
+            )
+            .group_by(["setup", "partition"])
             .agg(pl.col("test").mean().alias("m"), pl.col("test").std().alias("s"))
-            .sort("m", descending=True)
+            .sort(["setup", "m", "partition"], descending=[False, True, False])
         )
-        for task, g in per.group_by("task", maintain_order=True):
+        for setup, g in per.group_by("setup", maintain_order=True):
             ax.errorbar(
                 [str(x) for x in g["partition"]],
                 g["m"] * 100,
                 yerr=g["s"].fill_null(0) * 100,
                 fmt="o",
                 capsize=3,
-                label=task[0],
+                label=setup[0],
             )
         ax.set_xlabel("Sub-graph (adapter), sorted by mean test metric")
         ax.set_ylabel("Test metric (%)")
@@ -515,16 +646,28 @@ def figure_shuffle(runs: pl.DataFrame, out: str | Path) -> list[Path]:
     return _save(fig, out)
 
 
+def _sample_questions(mixture_file: str | Path, n: int, seed: int) -> pl.DataFrame:
+    """n test questions of a mixture file, picked with a seed, in file order."""
+    frame = pl.read_parquet(mixture_file)
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(frame.height, size=min(n, frame.height), replace=False))
+    return frame[pick.tolist()]
+
+
+def _question_text(fig, labels: list[str], texts: Sequence[str]) -> None:
+    questions = "\n".join(
+        f"{lab}  {textwrap.shorten(q, 110)}" for lab, q in zip(labels, texts, strict=True)
+    )
+    fig.text(0.01, -0.02, questions, va="top", ha="left", fontsize=8, family="monospace")
+
+
 def figure_mixture(
     mixture_file: str | Path, out: str | Path, n: int = 6, seed: int = 0
 ) -> list[Path]:
     """Figure 4: final-layer [CLS] mixture weights over the adapters for test questions,
     with the questions printed under the heatmap."""
     plt = _pyplot()
-    frame = pl.read_parquet(mixture_file)
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(frame.height, size=min(n, frame.height), replace=False))
-    frame = frame[pick.tolist()]
+    frame = _sample_questions(mixture_file, n, seed)
     weights = np.array(frame["weights"].to_list())
     labels = [f"Q{i + 1}" for i in range(frame.height)]
     fig_h = 1.0 + 0.45 * frame.height + 0.3 * frame.height
@@ -536,10 +679,69 @@ def figure_mixture(
     ax.set_ylabel("Question")
     ax.set_title("Mixture weight of [CLS] at the last layer")
     fig.colorbar(im, ax=ax, fraction=0.03)
-    questions = "\n".join(
-        f"{lab}  {textwrap.shorten(q, 110)}" for lab, q in zip(labels, frame["text"], strict=True)
+    _question_text(fig, labels, frame["text"].to_list())
+    return _save(fig, out)
+
+
+def figure_topics(
+    terms_csv: str | Path,
+    groups_csv: str | Path,
+    out: str | Path,
+    mixture_file: str | Path | None = None,
+    n: int = 6,
+    seed: int = 0,
+) -> list[Path]:
+    """Figure 4's top: a word cloud per k-means group of partitions (summed TF-IDF scores of
+    its partitions' top terms); with a mixture file, the mixture-weight heatmap below, its
+    sub-graphs ordered by group so a question's weights line up with the topics."""
+    from mop.topics import group_frequencies, wordcloud_image
+
+    plt = _pyplot()
+    terms = pl.read_csv(terms_csv, schema_overrides={"term": pl.String})
+    groups = pl.read_csv(groups_csv).sort(["group", "partition"])
+    freqs = group_frequencies(terms, groups)
+    n_groups = int(groups["group"].max()) + 1
+    cols = min(n_groups, 3)
+    cloud_rows = -(-n_groups // cols)
+    frame = _sample_questions(mixture_file, n, seed) if mixture_file else None
+    heat_h = 0.75 * frame.height + 1.2 if frame is not None else 0
+    fig = plt.figure(figsize=(4.2 * cols, 2.6 * cloud_rows + heat_h))
+    grid = fig.add_gridspec(
+        cloud_rows + (frame is not None),
+        cols,
+        height_ratios=[2.6] * cloud_rows + ([heat_h] if frame is not None else []),
     )
-    fig.text(0.01, -0.02, questions, va="top", ha="left", fontsize=8, family="monospace")
+    for g in range(n_groups):
+        ax = fig.add_subplot(grid[g // cols, g % cols])
+        members = groups.filter(pl.col("group") == g)["partition"].to_list()
+        if freqs.get(g):
+            ax.imshow(wordcloud_image(freqs[g], seed), interpolation="bilinear")
+        else:
+            ax.text(0.5, 0.5, "(no terms)", ha="center", va="center")
+        ax.set_axis_off()
+        ax.set_title(f"Group {g}: sub-graphs {', '.join(map(str, members))}", fontsize=9)
+    if frame is not None:
+        order = groups["partition"].to_list()
+        weights = np.array(frame["weights"].to_list())
+        if weights.shape[1] != len(order):
+            raise MopError(
+                f"{mixture_file}: {weights.shape[1]} mixture weights per question, but "
+                f"{groups_csv} has {len(order)} partitions"
+            )
+        ax = fig.add_subplot(grid[-1, :])
+        im = ax.imshow(weights[:, order], aspect="auto", cmap="viridis", vmin=0)
+        labels = [f"Q{i + 1}" for i in range(frame.height)]
+        ax.set_yticks(range(frame.height), labels)
+        ax.set_xticks(range(len(order)), [str(p) for p in order])
+        bounds = np.flatnonzero(np.diff(groups["group"].to_numpy())) + 0.5
+        for x in bounds:
+            ax.axvline(x, color="white", linewidth=2)
+        ax.set_xlabel("Sub-graph (adapter), ordered by group")
+        ax.set_ylabel("Question")
+        ax.set_title("Mixture weight of [CLS] at the last layer")
+        fig.colorbar(im, ax=ax, fraction=0.03)
+        _question_text(fig, labels, frame["text"].to_list())
+    fig.tight_layout()
     return _save(fig, out)
 
 

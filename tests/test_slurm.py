@@ -65,11 +65,19 @@ def test_workflow_through_sbatch_equals_a_local_run(cluster, finished_run, tmp_p
             "table_mixtures",
             "figure_adapters",
             "figure_mixture",
+            "finetune_adapter",
+            "select_subsets",
+            "finetune_subset",
+            "table_single_adapters",
+            "table_subsets",
+            "topics",
+            "figure_topics",
             "publish",
         )
     }
     assert len(list((logs / "rule_pretrain").rglob("*.log"))) == 2
     assert len(list((logs / "rule_finetune_mop").rglob("*.log"))) == 4
+    assert len(list((logs / "rule_finetune_adapter").rglob("*.log"))) == 2
     local, slurm = _outputs(finished_run), _outputs(work)
     assert local.keys() == slurm.keys() and len(local) > 0
     for key, value in local.items():

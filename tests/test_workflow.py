@@ -1,5 +1,7 @@
 """The whole Snakemake DAG on the tiny test config, in a temporary folder."""
 
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -85,7 +87,8 @@ def test_mlflow_holds_every_job_as_a_run(finished_run, mlflow_server):
     exp = client.get_experiment_by_name("mop-test")
     runs = client.search_runs([exp.experiment_id])
     stages = sorted(run.data.tags["stage"] for run in runs)
-    assert stages == ["finetune"] * 6 + ["kg"] + ["pretrain"] * 2 + ["report", "workflow"]
+    # base 2 + MoP 4 + one adapter alone 2 + MoP over the top adapter 1
+    assert stages == ["finetune"] * 9 + ["kg"] + ["pretrain"] * 2 + ["report", "workflow"]
     parent = next(run for run in runs if run.data.tags["stage"] == "workflow")
     children = [run for run in runs if run.data.tags["stage"] != "workflow"]
     assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parent.info.run_id}
@@ -103,7 +106,13 @@ def test_mlflow_holds_every_job_as_a_run(finished_run, mlflow_server):
         "figure2_adapters.png",
         "figure4_mixture.png",
         "table6_mixtures.md",
+        "single_adapters.md",
+        "subsets_probe.md",
+        "figure4_topics.png",
+        "wordclouds.png",
     } <= names
+    subset = next(run for run in runs if run.data.tags.get("subset") == "top1")
+    assert subset.data.tags["method"] == "mop" and "test_accuracy" in subset.data.metrics
 
 
 def test_tables_and_figures(finished_run):
@@ -127,7 +136,44 @@ def test_html_report(finished_run):
     assert result.returncode == 0, result.stderr[-3000:]
     html = (finished_run / "results" / "report.html").read_text(errors="replace")
     assert "Table 1" in html and "Figure 4" in html
+    assert "Tables 7 and 8 form" in html and "Partition topics" in html
     assert len(html) > 50_000
+
+
+def test_single_adapters_rank_and_the_subset_loads_the_top_adapter(finished_run):
+    r = finished_run / "results"
+    runs = r / "finetune" / "probe" / "tiny"
+    dev = {
+        p: read_json(
+            runs / "adapter" / "hpo-tiny" / "k2-metis" / f"p{p}" / "seed0" / "metrics.json"
+        )["dev_accuracy"]
+        for p in range(2)
+    }
+    best = max(dev, key=lambda p: (dev[p], -p))
+    sel = read_json(r / "analysis" / "probe" / "tiny" / "hpo-tiny" / "k2-metis" / "subsets.json")
+    assert sel["subsets"]["top1"]["partitions"] == [best]
+    assert [x["mean"] for x in sel["ranking"]] == sorted(dev.values(), reverse=True)
+    one = runs / "mop-softmax" / "hpo-tiny" / "k2-metis" / "subset-top1" / "seed0"
+    record = read_json(one / "run.json")
+    assert json.loads(record["params"]["adapters"]) == [
+        f"results/adapters/hpo-tiny/k2-metis/tiny/p{best}/adapter"
+    ]
+    assert record["tags"]["partitions"] == str(best)
+    weights = pl.read_parquet(one / "mixture.parquet")["weights"]
+    assert weights.list.len().unique().to_list() == [1]
+    table = pl.read_csv(r / "tables" / "subsets_probe.csv")
+    assert table["Adapters"].to_list()[-3:] == [
+        f"MoP over top1 (top 1: {best})",
+        "MoP over all 2",
+        "base model",
+    ]
+    single = pl.read_csv(r / "tables" / "single_adapters.csv")
+    assert sorted(single["Sub-graph"].to_list()) == ["0", "1", "base model"]
+    topics = r / "topics" / "hpo-tiny" / "k2-metis"
+    assert pl.read_csv(topics / "groups.csv")["group"].to_list() == [0, 1]
+    assert pl.read_csv(topics / "terms.csv").height == 20
+    for png in (topics / "wordclouds.png", r / "figures" / "figure4_topics.png"):
+        assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 20_000
 
 
 def test_rerun_has_nothing_to_do(finished_run):

@@ -30,6 +30,7 @@ if workflow.is_main_process:
 
 R = config["results"]
 FT = config["finetune"]
+AN = config["analysis"]
 
 
 wildcard_constraints:
@@ -198,6 +199,121 @@ def first_mixture_file():
             f"seed{task_seeds(config, task)[0]}/mixture.parquet")
 
 
+# Which partitions matter (analysis): single adapters, adapter subsets, partition topics.
+
+
+def analysis_tasks():
+    return AN["tasks"] or FT["tasks"]
+
+
+def analysis_seeds(task):
+    return AN["seeds"] or task_seeds(config, task)
+
+
+def analysis_mixture():
+    return AN["mixture"] or FT["mixtures"][0]
+
+
+def analysis_setups(task=None):
+    """(task, model, kg) of the analysis runs, on the partitioning MoP uses (finetune.k)."""
+    return [
+        (t, model, kg)
+        for t in ([task] if task else analysis_tasks())
+        for model in config["base_models"]
+        for kg in mop_kgs()
+    ]
+
+
+def single_adapter_metrics(task=None):
+    """metrics.json of every run of one adapter alone (per partition and seed)."""
+    if not AN["single_adapters"]:
+        return []
+    return [
+        f"{R}/finetune/{t}/{model}/adapter/{kg}/k{FT['k']}-metis/p{part}/seed{seed}/metrics.json"
+        for t, model, kg in analysis_setups(task)
+        for part in range(FT["k"])
+        for seed in analysis_seeds(t)
+    ]
+
+
+def subset_selections(task=None):
+    """The selection (ranking and subsets) of each analysis setup."""
+    if not AN["subsets"]:
+        return []
+    return [
+        f"{R}/analysis/{t}/{model}/{kg}/k{FT['k']}-metis/subsets.json"
+        for t, model, kg in analysis_setups(task)
+    ]
+
+
+def subset_metrics(task=None):
+    """metrics.json of the MoP runs over each subset, and over all K adapters (same mixture)."""
+    if not AN["subsets"]:
+        return []
+    mix = analysis_mixture()
+    return [
+        f"{R}/finetune/{t}/{model}/mop-{mix}/{kg}/k{FT['k']}-metis/{sub}seed{seed}/metrics.json"
+        for t, model, kg in analysis_setups(task)
+        for sub in [*(f"subset-{name}/" for name in AN["subsets"]), ""]
+        for seed in analysis_seeds(t)
+    ]
+
+
+def analysis_base_metrics(task=None):
+    """The base model's runs beside the analysis runs (same seeds), if base is run."""
+    if "base" not in FT["methods"]:
+        return []
+    return [
+        f"{R}/finetune/{t}/{model}/base/seed{seed}/metrics.json"
+        for t in ([task] if task else analysis_tasks())
+        for model in config["base_models"]
+        for seed in analysis_seeds(t)
+    ]
+
+
+def single_runs_of(w):
+    """The single-adapter runs one selection ranks."""
+    return [
+        p
+        for p in single_adapter_metrics(w.task)
+        if f"/{w.model}/adapter/{w.kg}/k{w.k}-metis/" in p
+    ]
+
+
+def subset_adapter_dirs(w):
+    """The adapter folders of one subset, read from its setup's selection (a checkpoint)."""
+    from mop.io import read_json
+    from mop.subsets import adapter_paths
+
+    selection = checkpoints.select_subsets.get(task=w.task, model=w.model, kg=w.kg, k=w.k)
+    return adapter_paths(
+        read_json(selection.output[0]), w.subset, adapter_dirs(w.kg, w.k, "metis", w.model)
+    )
+
+
+def subset_partitions(w):
+    """The partition ids of one subset, comma-separated (a run tag)."""
+    return ",".join(str(Path(d).parent.name).removeprefix("p") for d in subset_adapter_dirs(w))
+
+
+def topics_dir(kg):
+    return f"{R}/topics/{kg}/k{FT['k']}-metis"
+
+
+def analysis_outputs():
+    """Tables and figures of the analysis sections the config asks for."""
+    out = []
+    if AN["single_adapters"]:
+        out.append(f"{R}/tables/single_adapters.md")
+    if AN["subsets"]:
+        out += [f"{R}/tables/subsets_{task}.md" for task in analysis_tasks()]
+    if "topics" in AN:
+        out += [f"{topics_dir(kg)}/wordclouds.png" for kg in mop_kgs()]
+        if "mop" in FT["methods"]:
+            out.append(f"{R}/figures/figure4_topics.png")
+    return out
+
+
 def report_outputs():
     """Tables and figures the config has data for."""
     out = [f"{R}/tables/table2_kgs.md"]
@@ -212,11 +328,13 @@ def report_outputs():
             out.append(f"{R}/tables/table4_partitions.md")
             if len(partition_schemes()) > 1:
                 out.append(f"{R}/figures/figure3_shuffle.png")
+    elif AN["single_adapters"]:
+        out.append(f"{R}/figures/figure2_adapters.png")
     if len(partition_schemes()) > 1:
         out.append(f"{R}/tables/table3_shuffle.md")
     if any("/zeroshot/" in p for p in probe_control_metrics()):
         out.append(f"{R}/tables/probe_baselines.md")
-    return out
+    return out + analysis_outputs()
 
 
 def final_outputs():

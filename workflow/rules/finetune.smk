@@ -191,3 +191,38 @@ rule probe_controls:
         " --threads {threads} --out {params.out}"
         " --experiment {params.experiment} --run-name {params.name:q} --tags {params.tags:q}"
         " --results {R} 2> {log:q}"
+
+
+rule finetune_adapter:
+    input:
+        task=f"{R}/tasks/{{task}}/summary.json",
+        adapter=f"{R}/adapters/{{kg}}/k{{k}}-metis/{{model}}/p{{part}}/adapter/adapter.safetensors",
+    output:
+        [
+            f"{R}/finetune/{{task}}/{{model}}/adapter/{{kg}}/k{{k}}-metis/p{{part}}/seed{{seed}}/{f}"
+            for f in FINETUNE_OUTPUTS
+        ],
+    params:
+        options=lambda w: task_options(w.task),
+        models=lambda w: models_json(),
+        task_dir=lambda w: task_dir(w.task, w.seed),
+        adapter=lambda w, input: str(Path(input.adapter).parent),
+        out=lambda w: f"{R}/finetune/{w.task}/{w.model}/adapter/{w.kg}/k{w.k}-metis/p{w.part}/seed{w.seed}",
+        tags=lambda w: tags(stage="finetune", task=w.task, model=w.model, method="adapter",
+                            kg=w.kg, k=w.k, scheme="metis", partition=w.part, seed=w.seed),
+        name=lambda w: f"finetune {w.task} {w.model} adapter {w.kg} k{w.k}-metis p{w.part} seed{w.seed}",
+        experiment=config["experiment"],
+    threads: res("finetune", "threads")
+    resources:
+        **stage_resources("finetune"),
+    conda:
+        "../envs/mop.yaml"
+    log:
+        f"{R}/logs/finetune/{{task}}/{{model}}/adapter/{{kg}}/k{{k}}-metis/p{{part}}/seed{{seed}}.log",
+    shell:
+        "mop finetune --task {wildcards.task} --task-dir {params.task_dir} --method adapter"
+        " --adapters {params.adapter}"
+        " --model {wildcards.model} --models {params.models:q} --seed {wildcards.seed}"
+        " --options {params.options:q} --threads {threads} --out {params.out}"
+        " --experiment {params.experiment} --run-name {params.name:q} --tags {params.tags:q}"
+        " --results {R} 2> {log:q}"

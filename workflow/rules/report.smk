@@ -113,7 +113,8 @@ rule table_probe_baselines:
 
 rule figure_adapters:
     input:
-        adapter_metrics(),
+        adapters=adapter_metrics(),
+        single=single_adapter_metrics(),
     output:
         report(f"{R}/figures/figure2_adapters.png", caption="../report/figure2.rst",
                category="Figures"),
@@ -123,7 +124,8 @@ rule figure_adapters:
     log:
         f"{R}/logs/report/figure2.log",
     shell:
-        "mop report figure2 --adapters {input} --out {params.out} 2> {log:q}"
+        "mop report figure2 --adapters {input.adapters} --single-runs {input.single}"
+        " --out {params.out} 2> {log:q}"
 
 
 rule figure_mixture:
@@ -139,6 +141,59 @@ rule figure_mixture:
         f"{R}/logs/report/figure4.log",
     shell:
         "mop report figure4 --mixture {input} --out {params.out} 2> {log:q}"
+
+
+rule table_single_adapters:
+    input:
+        single_adapter_metrics() + analysis_base_metrics(),
+    output:
+        report(f"{R}/tables/single_adapters.md", caption="../report/single_adapters.rst",
+               category="Tables"),
+        f"{R}/tables/single_adapters.csv",
+        f"{R}/tables/single_adapters.tex",
+    params:
+        out=f"{R}/tables",
+    log:
+        f"{R}/logs/report/single_adapters.log",
+    shell:
+        "mop report single-adapters --runs {input} --out {params.out} 2> {log:q}"
+
+
+rule table_subsets:
+    input:
+        selections=lambda w: subset_selections(w.task),
+        runs=lambda w: single_adapter_metrics(w.task) + subset_metrics(w.task)
+        + analysis_base_metrics(w.task),
+    output:
+        report(f"{R}/tables/subsets_{{task}}.md", caption="../report/subsets.rst",
+               category="Tables"),
+        f"{R}/tables/subsets_{{task}}.csv",
+        f"{R}/tables/subsets_{{task}}.tex",
+    params:
+        out=f"{R}/tables",
+    log:
+        f"{R}/logs/report/subsets_{{task}}.log",
+    shell:
+        "mop report subsets --runs {input.runs} --stats {input.selections}"
+        " --name subsets_{wildcards.task} --out {params.out} 2> {log:q}"
+
+
+rule figure_topics:
+    input:
+        mixture=first_mixture_file(),
+        terms=f"{topics_dir(mop_kgs()[0])}/terms.csv",
+        groups=f"{topics_dir(mop_kgs()[0])}/groups.csv",
+    output:
+        report(f"{R}/figures/figure4_topics.png", caption="../report/figure4_topics.rst",
+               category="Figures"),
+        f"{R}/figures/figure4_topics.pdf",
+    params:
+        out=f"{R}/figures/figure4_topics",
+    log:
+        f"{R}/logs/report/figure4_topics.log",
+    shell:
+        "mop report figure-topics --terms {input.terms} --groups {input.groups}"
+        " --mixture {input.mixture} --out {params.out} 2> {log:q}"
 
 
 rule publish:
