@@ -1,6 +1,7 @@
 """The whole Snakemake DAG on the tiny test config, in a temporary folder."""
 
 import json
+import re
 
 import numpy as np
 import polars as pl
@@ -180,6 +181,17 @@ def test_rerun_has_nothing_to_do(finished_run):
     result = snakemake(finished_run, "-n")
     assert result.returncode == 0
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_a_new_shuffle_rate_adds_its_partition_and_reruns_nothing_else(finished_run, tmp_path):
+    extra = tmp_path / "more.yaml"
+    extra.write_text("partition: {k: [2], shuffle: [0.0, 0.1, 0.2, 0.4, 0.8, 1.0, 0.3]}\n")
+    result = snakemake(finished_run, "-n", "--configfile", str(extra))
+    assert result.returncode == 0, result.stderr
+    jobs = set(re.findall(r"^rule (\w+):", result.stdout, flags=re.M))
+    assert jobs == {"partition", "table_shuffle", "publish", "all"}
+    assert "k2-shuffle0.3/stats.json" in result.stdout
+    assert result.stdout.count("rule partition:") == 1
 
 
 @pytest.mark.parametrize(

@@ -79,6 +79,12 @@ def shuffle_rate(scheme):
     return scheme_rate(scheme)
 
 
+def partition_options():
+    """The partition settings one job uses; the K and shuffle lists only add jobs, so
+    growing them reruns nothing that exists."""
+    return as_json({k: v for k, v in config["partition"].items() if k not in ("k", "shuffle")})
+
+
 def partition_schemes():
     """`metis` and one `shuffle<rate>` per nonzero rate in partition.shuffle."""
     return list(dict.fromkeys(["metis", *map(scheme_name, config["partition"]["shuffle"])]))

@@ -6,7 +6,7 @@ rule partition:
         triples=f"{R}/partition/{{kg}}/k{{k}}-{{scheme}}/triples.parquet",
         stats=f"{R}/partition/{{kg}}/k{{k}}-{{scheme}}/stats.json",
     params:
-        options=lambda w: as_json(config["partition"]),
+        options=lambda w: partition_options(),
         shuffle=lambda w: shuffle_rate(w.scheme),
         kg=lambda w: f"{R}/kg/{w.kg}",
         out=lambda w: f"{R}/partition/{w.kg}/k{w.k}-{w.scheme}",
