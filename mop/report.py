@@ -117,10 +117,9 @@ class Cell:
         return self.up and p is not None and p < 0.05
 
     def _text(self, dagger: str, pm: str, up: str) -> str:
-        return (
-            f"{self.mean:.2f}{dagger if self.dagger else ''}{pm}{self.std:.2f}"
-            f"{up if self.up else ''}"
-        )
+        """One run has no spread: its cell shows the value alone, not a misleading ± 0."""
+        spread = f"{pm}{self.std:.2f}" if self.values.size > 1 else ""
+        return f"{self.mean:.2f}{dagger if self.dagger else ''}{spread}{up if self.up else ''}"
 
     def markdown(self) -> str:
         text = self._text("†", " ± ", " ↑")
@@ -224,7 +223,8 @@ class Table:
 
 
 MARKS = (
-    "Test metric x 100, mean ± std over seeds. ↑: mean above the base model's; "
+    "Test metric x 100, mean ± std over seeds (a value alone: one run). "
+    "↑: mean above the base model's; "
     "†: two-sided Welch t-test against the base model's runs, p < 0.05; "
     "bold: best in the column."
 )
@@ -431,8 +431,9 @@ def table_single_adapters(runs: pl.DataFrame) -> Table:
     table = Table(
         "single_adapters",
         "Each sub-graph's adapter fine-tuned alone with the base model (method adapter), "
-        "sorted by mean test metric. Metric x 100, mean ± std over seeds; ↑: mean above the "
-        "base model's; †: two-sided Welch t-test against the base model's runs, p < 0.05.",
+        "sorted by mean test metric. Metric x 100, mean ± std over seeds (a value alone: "
+        "one run); ↑: mean above the base model's; †: two-sided Welch t-test against the "
+        "base model's runs, p < 0.05.",
         ["Task", "Model / KG / K", "Sub-graph", "dev", "test"],
     )
     setups = single.select("task", "model", "kg", "k").unique().sort(["task", "model", "kg", "k"])
@@ -521,8 +522,8 @@ def table_subsets(runs: pl.DataFrame, selection_files: Sequence[str | Path]) -> 
         f"{', '.join(sorted(tasks))}: each sub-graph's adapter fine-tuned alone, ranked by its "
         f"mean {'/'.join(ranks)} metric (best first), and MoP over subsets of the adapters "
         "chosen by that ranking or listed, over all K adapters, and the base model. Main "
-        "metric x 100, mean ± std over seeds; ↑ / †: test mean above the base model's / "
-        "two-sided Welch t-test against it, p < 0.05."
+        "metric x 100, mean ± std over seeds (a value alone: one run); ↑ / †: test mean "
+        "above the base model's / two-sided Welch t-test against it, p < 0.05."
     )
     return table
 

@@ -62,6 +62,15 @@ def test_table1_cells_from_hand_computed_values(runs, tmp_path):
     assert csv["probe_n"].to_list() == [3, 3, 3]
 
 
+def test_a_single_run_shows_no_spread():
+    from mop.report import Cell
+
+    one = Cell(np.array([92.45]), base=np.array([59.0, 60.0]))
+    assert one.markdown() == "92.45 ↑"
+    assert one.p_value is None and not one.dagger
+    assert Cell(np.array([70.0, 70.0])).markdown() == "70.00 ± 0.00"
+
+
 def test_table6_and_table4(runs, tmp_path):
     t6 = table_mixtures(runs)
     assert [r[1] for r in t6.rows] == ["gumbel-t0.5", "softmax"]
