@@ -520,6 +520,7 @@ def finetune(
                 "score": score,
                 "epoch": epoch,
                 "state": copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()}),
+                "dev": dev_probs,
             }
             stale = 0
         else:
@@ -531,14 +532,17 @@ def finetune(
     frames = []
     mixture = None
     for s in SPLITS:
-        probs, mix = predict(
-            model,
-            task,
-            data[s],
-            tokenizer.pad_token_id,
-            cfg.batch_size * 4,
-            fusion_name if s == "test" else None,
-        )
+        if s == "dev":  # the best epoch's own dev pass: the same weights, the same probs
+            probs, mix = best["dev"], None
+        else:
+            probs, mix = predict(
+                model,
+                task,
+                data[s],
+                tokenizer.pad_token_id,
+                cfg.batch_size * 4,
+                fusion_name if s == "test" else None,
+            )
         metrics, frame = evaluate(task, data[s], probs)
         results[s] = metrics
         frames.append(frame.with_columns(split=pl.lit(s)))

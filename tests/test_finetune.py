@@ -99,6 +99,11 @@ def test_every_method_trains_and_writes_its_outputs(
     test = preds.filter(pl.col("split") == "test")
     assert test.height == 40
     assert (test["pred"] == test["label"]).mean() == pytest.approx(m["test_accuracy"])
+    # dev is reported from the best epoch's own pass, not predicted again
+    assert m["dev_accuracy"] == max(h["dev_accuracy"] for h in m["history"])
+    assert m["dev_accuracy"] == m["history"][m["best_epoch"]]["dev_accuracy"]
+    dev = preds.filter(pl.col("split") == "dev")
+    assert (dev["pred"] == dev["label"]).mean() == pytest.approx(m["dev_accuracy"])
     assert (tmp_path / "model.safetensors").is_file()
     if method == "mop":
         mix = pl.read_parquet(tmp_path / "mixture.parquet")
