@@ -720,7 +720,8 @@ def figure_topics(
         else:
             ax.text(0.5, 0.5, "(no terms)", ha="center", va="center")
         ax.set_axis_off()
-        ax.set_title(f"Group {g}: sub-graphs {', '.join(map(str, members))}", fontsize=9)
+        noun = "sub-graph" if len(members) == 1 else "sub-graphs"
+        ax.set_title(f"Group {g}: {noun} {', '.join(map(str, members))}", fontsize=9)
     if frame is not None:
         order = groups["partition"].to_list()
         weights = np.array(frame["weights"].to_list())
