@@ -194,6 +194,22 @@ def test_a_new_shuffle_rate_adds_its_partition_and_reruns_nothing_else(finished_
     assert result.stdout.count("rule partition:") == 1
 
 
+def test_a_whole_config_replaces_the_default_instead_of_merging_into_it(tmp_path):
+    (tmp_path / "config").mkdir()
+    for name in ("config.yaml", "probe.yaml"):
+        (tmp_path / "config" / name).write_text((REPO / "config" / name).read_text())
+    merged = snakemake(tmp_path, "-n", "--configfile", "config/probe.yaml")
+    assert merged.returncode != 0
+    assert "config key standalone" in merged.stderr + merged.stdout
+    whole = snakemake(
+        tmp_path, "-n", "-p", "--replace-workflow-config", "--configfile", "config/probe.yaml"
+    )
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    # the probe's own caps, none of the default's dev / test caps
+    assert '"max_questions": {"train": 1200}' in whole.stdout
+    assert not (tmp_path / "results").exists()
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [

@@ -16,6 +16,18 @@ from mop.errors import MopError
 from mop.partition import scheme_name, scheme_rate
 from mop.tasks import DATA_TASKS, data_files, get_task
 
+# Snakemake merges --configfile into config/config.yaml; a whole config must replace it.
+if (
+    config.get("standalone")
+    and workflow.overwrite_configfiles
+    and "config/config.yaml" in workflow.configfiles
+    and not workflow.config_settings.replace_workflow_config
+):
+    raise WorkflowError(
+        "mop: config key standalone: this config is a whole config; add "
+        "--replace-workflow-config so that config/config.yaml is not merged into it"
+    )
+
 try:
     validate_config(config)
     if workflow.is_main_process:
