@@ -225,7 +225,8 @@ class Classifier(torch.nn.Module):
             mixture = out.adapter_fusion_attentions if output_mixture else None
         else:
             # The oracle control: each example through its own partition's adapter only.
-            pooled = torch.zeros(len(route), self.encoder.config.hidden_size)
+            hidden = self.encoder.config.hidden_size
+            pooled = torch.zeros(len(route), hidden, device=input_ids.device)
             for k in np.unique(route):
                 sel = torch.from_numpy(route == k)
                 self.encoder.set_active_adapters(f"p{k}")
