@@ -17,17 +17,24 @@ import torch
 
 @dataclass(frozen=True)
 class Sequences:
-    """Variable-length token id sequences: flat values plus start offsets."""
+    """Variable-length token id sequences: flat values plus start offsets, and optionally
+    the segment (token type) id of every token, for sentence pairs."""
 
     values: np.ndarray  # int32, all sequences back to back
     offsets: np.ndarray  # int64, len n + 1
+    types: np.ndarray | None = None  # int8, same layout as values
 
     @classmethod
-    def from_series(cls, ids: pl.Series) -> Sequences:
+    def from_series(cls, ids: pl.Series, types: pl.Series | None = None) -> Sequences:
         lengths = ids.list.len().to_numpy().astype(np.int64)
         offsets = np.zeros(lengths.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        return cls(ids.explode().to_numpy().astype(np.int32), offsets)
+        flat_types = None
+        if types is not None:
+            if not (types.list.len().to_numpy() == lengths).all():
+                raise ValueError("token_type_ids and input_ids differ in length")
+            flat_types = types.explode().to_numpy().astype(np.int8)
+        return cls(ids.explode().to_numpy().astype(np.int32), offsets, flat_types)
 
     def __len__(self) -> int:
         return self.offsets.size - 1
@@ -46,6 +53,21 @@ class Sequences:
         gather = np.where(mask, starts[:, None] + cols[None, :], 0)
         ids = np.where(mask, self.values[gather], pad_id)
         return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
+
+    def batch(self, index: np.ndarray, pad_id: int = 0) -> dict[str, torch.Tensor]:
+        """The model inputs of the given rows: input_ids, attention_mask and, for sequences
+        with segments, token_type_ids (0 on padding)."""
+        ids, mask = self.pad(index, pad_id)
+        out = {"input_ids": ids, "attention_mask": mask}
+        if self.types is not None:
+            starts = self.offsets[index]
+            cols = np.arange(ids.shape[1])
+            m = mask.numpy().astype(bool)
+            gather = np.where(m, starts[:, None] + cols[None, :], 0)
+            out["token_type_ids"] = torch.from_numpy(
+                np.where(m, self.types[gather], 0).astype(np.int64)
+            )
+        return out
 
 
 def bucketed_batches(

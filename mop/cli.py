@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mop.errors import MopError
+from mop.errors import MopError, Preempted
+from mop.log import log as _log
 
 
 def _json(text: str) -> Any:
@@ -25,8 +26,13 @@ def _json(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
 
 
-def _log(msg: str) -> None:
-    print(f"[mop {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+def _runtime(args: argparse.Namespace) -> Any:
+    """The training runtime from --device, --precision, --compile and --threads."""
+    from mop.training import Runtime
+
+    rt = Runtime.create(args.device, args.precision, args.threads, args.compile)
+    _log(", ".join(f"{k} {v}" for k, v in rt.describe().items()))
+    return rt
 
 
 def cmd_check_config(args: argparse.Namespace) -> None:
@@ -115,9 +121,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     o = dict(args.options)
     for key in ("max_length", "bidirectional"):
         o.pop(key, None)
-    cfg = PretrainConfig(
-        **o, threads=args.threads, **({"max_steps": args.max_steps} if args.max_steps else {})
-    )
+    cfg = PretrainConfig(**o, **({"max_steps": args.max_steps} if args.max_steps else {}))
     spec = resolve_model(args.model, args.models)
     data = load_partition_data(
         args.tokens,
@@ -143,7 +147,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         },
     )
     source = {"kg": args.kg, "partition_dir": args.partition, "partition": args.part}
-    m = pretrain_partition(spec, data, cfg, args.out, tracker, source=source)
+    m = pretrain_partition(
+        spec, data, cfg, args.out, tracker, source=source, runtime=_runtime(args)
+    )
     tracker.finish()
     p = m["probe"]["train"]
     _log(
@@ -189,12 +195,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         fusion_reg=o.get("fusion_reg", True),
     )
     mixture = parse_mixture(args.mixture or "softmax", defaults)
-    fields = set(FinetuneConfig.__dataclass_fields__) - {"seed", "threads", "mixture"}
+    fields = set(FinetuneConfig.__dataclass_fields__) - {"seed", "mixture"}
     cfg = FinetuneConfig(
-        **{k: v for k, v in o.items() if k in fields},
-        seed=args.seed,
-        threads=args.threads,
-        mixture=mixture,
+        **{k: v for k, v in o.items() if k in fields}, seed=args.seed, mixture=mixture
     )
     spec = resolve_model(args.model, args.models)
     adapters = [Path(a) for a in args.adapters or []]
@@ -215,12 +218,37 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         },
     )
     m = finetune(
-        spec, get_task(args.task), args.task_dir, args.method, adapters, cfg, args.out, tracker
+        spec,
+        get_task(args.task),
+        args.task_dir,
+        args.method,
+        adapters,
+        cfg,
+        args.out,
+        tracker,
+        runtime=_runtime(args),
+        encoded_dir=args.encoded,
     )
     tracker.finish()
     _log(
         f"finetune done: dev {m['dev_' + m['main_metric']]:.4f} "
         f"test {m['test_' + m['main_metric']]:.4f} -> {args.out}"
+    )
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    from mop.models import resolve_model
+    from mop.tasks import get_task
+    from mop.tasks.encode import write_encoding
+
+    spec = resolve_model(args.model, args.models)
+    record = write_encoding(
+        args.task_dir, get_task(args.task).kind, spec, args.max_length, args.out
+    )
+    tokens = sum(e["tokens"] for e in record["splits"].values())
+    _log(
+        f"encoded {args.task} ({len(record['splits'])} splits, {tokens} tokens, "
+        f"max_length {args.max_length}) for {args.model} -> {args.out}"
     )
 
 
@@ -235,6 +263,7 @@ def cmd_probe_controls(args: argparse.Namespace) -> None:
         args.out,
         {"probe": args.options, "model": spec.identifier(), "adapters": args.adapters},
     )
+    rt = _runtime(args)
     m = zero_shot(
         spec,
         args.task_dir,
@@ -243,11 +272,16 @@ def cmd_probe_controls(args: argparse.Namespace) -> None:
         [Path(a) for a in args.adapters],
         args.out,
         relation=relation,
-        threads=args.threads,
+        runtime=rt,
     )
     tracker.log_metrics({k: v for k, v in m.items() if k.endswith("accuracy")})
     base = shortcut_baselines(
-        spec, args.task_dir, args.kg, Path(args.out) / "baselines.json", relation=relation
+        spec,
+        args.task_dir,
+        args.kg,
+        Path(args.out) / "baselines.json",
+        relation=relation,
+        runtime=rt,
     )
     tracker.log_metrics({f"baseline {name} test": v["test_accuracy"] for name, v in base.items()})
     tracker.log_artifact(Path(args.out) / "baselines.json")
@@ -374,6 +408,15 @@ def _tracking_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default="results")
 
 
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=1, help="CPU threads")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model alias")
     p.add_argument("--models", type=_json, required=True, help="the config's models section")
@@ -426,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", type=int, required=True)
     _model_args(p)
     p.add_argument("--options", type=_json, default={})
-    p.add_argument("--threads", type=int, default=1)
+    _runtime_args(p)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--out", required=True)
     _tracking_args(p)
@@ -458,10 +501,21 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--options", type=_json, default={})
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--encoded", help="the task's tokens from `mop encode` (default: tokenize here)")
+    _runtime_args(p)
     p.add_argument("--out", required=True)
     _tracking_args(p)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "encode", help="tokenize a prepared task's splits once per tokenizer and max_length"
+    )
+    p.add_argument("--task", required=True)
+    p.add_argument("--task-dir", required=True, help="the prepared task (its folds too)")
+    _model_args(p)
+    p.add_argument("--max-length", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("probe-controls", help="KG probe: adapter zero-shot and shortcut baselines")
     p.add_argument("--task-dir", required=True)
@@ -470,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", nargs="+", required=True, help="adapter folders p0 .. pK-1")
     _model_args(p)
     p.add_argument("--options", type=_json, default={}, help="the tasks.probe section")
-    p.add_argument("--threads", type=int, default=1)
+    _runtime_args(p)
     p.add_argument("--out", required=True)
     _tracking_args(p)
     p.set_defaults(func=cmd_probe_controls)
@@ -554,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     _log(f"start {label}")
     try:
         args.func(args)
+    except Preempted as exc:
+        print(f"mop: {exc}", file=sys.stderr)
+        return 128 + 15
     except MopError as exc:
         print(f"mop: error: {exc}", file=sys.stderr)
         return 1

@@ -6,3 +6,8 @@ class MopError(Exception):
 
     The command line prints it on one line and exits non-zero, without a traceback.
     """
+
+
+class Preempted(MopError):
+    """The job was asked to stop (SIGTERM); its checkpoint holds everything done so far,
+    and the same command resumes from it."""

@@ -8,11 +8,15 @@ Methods:
 - `base`: the plain base model, everything trained;
 - `adapter`: the base model with one pretrained partition adapter, everything trained;
 - `mop`: the base model with all K pretrained adapters through a mixture layer
-  (softmax AdapterFusion, Gumbel-softmax or sparse MoE), everything trained (paper 2.3).
+  (softmax AdapterFusion, Gumbel-softmax or sparse MoE), everything trained (paper 2.3);
+- `oracle` (KG probe control): each example through its own partition's adapter only.
 
-The loop: AdamW (weight decay 0.01 except bias/LayerNorm; separate learning rates for base
-model, adapters, fusion and head), linear schedule with warmup, dev evaluation after every
-epoch, early stopping with patience, best-on-dev weights restored for the test split.
+The loop (`finetune`, on the shared runtime of mop.training): AdamW (weight decay 0.01
+except bias/LayerNorm; separate learning rates for base model, adapters, fusion and head),
+linear schedule with warmup, gradient accumulation and clipping, dev evaluation after every
+epoch (one log line each), early stopping with patience, best-on-dev weights restored for
+the test split. Checkpoints every `checkpoint_every` steps and at every epoch end; a killed
+or requeued job resumes to the same result as an uninterrupted one.
 Outputs: metrics.json, predictions.parquet (per example, for significance tests),
 mixture.parquet (final-layer [CLS] mixture weights on test, for mop) and optionally the
 best model as safetensors.
@@ -20,7 +24,6 @@ best model as safetensors.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -35,19 +38,37 @@ from safetensors.torch import save_model
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from mop.batching import Sequences, bucketed_batches, sequential_batches
-from mop.errors import MopError
+from mop.batching import bucketed_batches, sequential_batches
+from mop.errors import MopError, Preempted
 from mop.fusion import MixtureConfig, add_mixture, mixture_aux_loss
 from mop.io import atomic_path, write_json, write_parquet
+from mop.log import log
 from mop.models import ModelSpec, load_base_model, load_tokenizer
 from mop.tasks import SPLITS, TaskSpec
+from mop.tasks.encode import EncodedSplit, load_split
 from mop.tracking import Tracker
+from mop.training import (
+    Checkpoint,
+    Runtime,
+    StopSignal,
+    accumulate,
+    evaluating,
+    file_digest,
+    fingerprint,
+    optimizer_step,
+    param_groups,
+    seed_all,
+    trainable_state,
+)
+
+POOLINGS = ("cls", "mean", "pooler")
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     epochs: int = 3
-    batch_size: int = 16
+    batch_size: int = 16  # examples per optimizer step (split into grad_accum micro-batches)
+    grad_accum: int = 1
     max_length: int = 128
     lr: float = 2e-5  # base model
     lr_adapters: float | None = None  # defaults to lr
@@ -57,89 +78,19 @@ class FinetuneConfig:
     warmup: float = 0.1
     patience: int = 5
     dropout: float = 0.1
-    pooling: str = "cls"  # "cls" or "mean"
+    pooling: str = "cls"  # "cls", "mean" or "pooler" (BERT's pooler output)
     head: str = "linear"  # "linear", or "bilinear" (query x candidate; tasks with a candidate)
     max_grad_norm: float | None = None
+    eval_batch_size: int = 64
+    checkpoint_every: int = 500  # steps; 0: only at epoch ends
     seed: int = 0
-    threads: int = 1
     save_model: bool = True
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
 
 
-@dataclass(frozen=True)
-class EncodedSplit:
-    """A tokenized split: one sequence per example, or per (example, option) for choice tasks.
-
-    For choice tasks the sequences of example i are rows i * choices ... i * choices +
-    choices - 1, so a batch of examples maps to its sequence rows with `rows`.
-    """
-
-    ids: list[str]
-    seqs: Sequences
-    labels: np.ndarray  # (n,) class / option index, or (n, labels) 0/1 for multi-label
-    frame: pl.DataFrame
-    choices: int = 1
-    candidates: torch.Tensor | None = None  # (n, hidden) vectors for the bilinear head
-    route: np.ndarray | None = None  # (n,) the adapter each example goes to (oracle)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        """Per example: the longest of its sequences (for length bucketing)."""
-        return self.seqs.lengths.reshape(len(self), self.choices).max(1)
-
-    def rows(self, idx: np.ndarray) -> np.ndarray:
-        return (idx[:, None] * self.choices + np.arange(self.choices)[None, :]).ravel()
-
-    def extras(self, idx: np.ndarray) -> tuple[torch.Tensor | None, np.ndarray | None]:
-        """The batch's candidate vectors and routes, where the model uses them."""
-        cand = None if self.candidates is None else self.candidates[torch.from_numpy(idx)]
-        route = None if self.route is None else self.route[idx]
-        return cand, route
-
-
-def _tokenize(tokenizer: Any, a: list[str], b: list[str | None], max_length: int) -> Sequences:
-    if all(x is None for x in b):
-        enc = tokenizer(a, truncation=True, max_length=max_length)
-    else:
-        enc = tokenizer(a, [x or "" for x in b], truncation="longest_first", max_length=max_length)
-    return Sequences.from_series(pl.Series(enc["input_ids"], dtype=pl.List(pl.Int32)))
-
-
-def encode_split(
-    frame: pl.DataFrame, tokenizer: Any, max_length: int, kind: str = "single"
-) -> EncodedSplit:
-    """Tokenize a split once, truncated to max_length.
-
-    single / multi: the pair (text_a, text_b). choice: per option, the pair
-    (text_a + " " + option, the option's retrieved context if any).
-    """
-    ids = frame["id"].to_list()
-    a = frame["text_a"].to_list()
-    if kind == "choice":
-        choices = frame["choices"].to_list()
-        width = len(choices[0])
-        if any(len(c) != width for c in choices):
-            raise MopError("finetune: every question of a choice task needs the same options")
-        contexts = (
-            frame["contexts"].to_list()
-            if "contexts" in frame.columns
-            else [[None] * width] * len(a)
-        )
-        pair_a = [f"{q} {c}" for q, opts in zip(a, choices, strict=True) for c in opts]
-        pair_b = [x or None for ctx in contexts for x in ctx]
-        seqs = _tokenize(tokenizer, pair_a, pair_b, max_length)
-        labels = frame["label"].to_numpy().astype(np.int64)
-        return EncodedSplit(ids, seqs, labels, frame, width)
-    b = frame["text_b"].to_list() if "text_b" in frame.columns else [None] * len(a)
-    seqs = _tokenize(tokenizer, a, b, max_length)
-    if kind == "multi":
-        labels = np.asarray(frame["label"].to_list(), dtype=np.int64)
-    else:
-        labels = frame["label"].to_numpy().astype(np.int64)
-    return EncodedSplit(ids, seqs, labels, frame)
+# Settings that change how a run executes, not what it computes: a checkpoint written
+# under other values still resumes.
+EXECUTION_KEYS = ("grad_accum", "eval_batch_size", "checkpoint_every", "save_model")
 
 
 def check_labels(task: TaskSpec, split: EncodedSplit, path: Path) -> None:
@@ -191,10 +142,12 @@ class Classifier(torch.nn.Module):
         head: str = "linear",
     ):
         super().__init__()
-        if pooling not in ("cls", "mean"):
-            raise MopError(f"finetune.pooling: {pooling!r} is not cls or mean")
+        if pooling not in POOLINGS:
+            raise MopError(f"finetune.pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
         if head not in ("linear", "bilinear"):
             raise MopError(f"finetune.head: {head!r} is not linear or bilinear")
+        if pooling == "pooler" and getattr(encoder, "pooler", None) is None:
+            raise MopError("finetune.pooling: pooler needs a base model with a pooler layer")
         self.encoder = encoder
         self.pooling = pooling
         self.dropout = torch.nn.Dropout(dropout)
@@ -203,40 +156,48 @@ class Classifier(torch.nn.Module):
             raise MopError("finetune.head: bilinear scores yes/no tasks (two labels) only")
         self.head = BilinearHead(hidden) if head == "bilinear" else torch.nn.Linear(hidden, outputs)
 
-    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    def pool(self, inputs: dict[str, torch.Tensor], **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        out = self.encoder(**inputs, **kwargs)
         h = out.last_hidden_state
         if self.pooling == "cls":
             return h[:, 0], out
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        if self.pooling == "pooler":
+            return out.pooler_output, out
+        m = inputs["attention_mask"].unsqueeze(-1).to(h.dtype)
         return (h * m).sum(1) / m.sum(1), out
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
         output_mixture: bool = False,
         candidates: torch.Tensor | None = None,
         route: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, Any]:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
         kwargs = {"output_adapter_fusion_attentions": True} if output_mixture else {}
         if route is None:
-            pooled, out = self.pool(input_ids, attention_mask, **kwargs)
+            pooled, out = self.pool(inputs, **kwargs)
             mixture = out.adapter_fusion_attentions if output_mixture else None
         else:
             # The oracle control: each example through its own partition's adapter only.
-            hidden = self.encoder.config.hidden_size
-            pooled = torch.zeros(len(route), hidden, device=input_ids.device)
+            pooled = None
             for k in np.unique(route):
-                sel = torch.from_numpy(route == k)
+                sel = torch.from_numpy(route == k).to(input_ids.device)
                 self.encoder.set_active_adapters(f"p{k}")
-                pooled[sel] = self.pool(input_ids[sel], attention_mask[sel])[0]
+                part = self.pool({n: t[sel] for n, t in inputs.items()})[0]
+                if pooled is None:
+                    pooled = part.new_zeros(len(route), part.shape[-1])
+                pooled[sel] = part
             mixture = None
         pooled = self.dropout(pooled)
         if isinstance(self.head, BilinearHead):
             if candidates is None:
                 raise MopError("finetune.head: bilinear needs a task with a candidate column")
-            return self.head(pooled, candidates), mixture
+            return self.head(pooled, candidates.to(pooled.dtype)), mixture
         return self.head(pooled), mixture
 
 
@@ -273,6 +234,17 @@ def build_classifier(
     return model, fusion_name
 
 
+def model_part(name: str) -> str:
+    """Which learning rate a parameter takes: head, fusion, adapters or base."""
+    if name.startswith("head."):
+        return "head"
+    if "adapter_fusion_layer" in name:
+        return "fusion"
+    if ".adapters." in name:
+        return "adapters"
+    return "base"
+
+
 def _param_groups(model: Classifier, cfg: FinetuneConfig) -> list[dict]:
     """Four learning rates (base, adapters, fusion, head), no decay on bias / LayerNorm.
 
@@ -287,40 +259,15 @@ def _param_groups(model: Classifier, cfg: FinetuneConfig) -> list[dict]:
         "fusion": rate(cfg.lr_fusion),
         "head": rate(cfg.lr_head),
     }
-    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith("head."):
-            part = "head"
-        elif "adapter_fusion_layer" in name:
-            part = "fusion"
-        elif ".adapters." in name:
-            part = "adapters"
-        else:
-            part = "base"
-        if lrs[part] == 0:
-            p.requires_grad_(False)
-            continue
-        decay = not (name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name)
-        groups.setdefault((part, decay), []).append(p)
-    return [
-        {
-            "params": ps,
-            "lr": lrs[part],
-            "weight_decay": cfg.weight_decay if decay else 0.0,
-            "name": f"{part}{'' if decay else '_no_decay'}",
-        }
-        for (part, decay), ps in sorted(groups.items())
-    ]
+    return param_groups(model, cfg.weight_decay, lrs, model_part)
 
 
-def task_loss(task: TaskSpec, logits: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
+def task_loss(task: TaskSpec, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over classes or options; binary cross-entropy per label for multi-label."""
-    target = torch.from_numpy(labels)
+    logits = logits.float()
     if task.kind == "multi":
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits, target.float())
-    return torch.nn.functional.cross_entropy(logits.view(len(labels), -1), target)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+    return torch.nn.functional.cross_entropy(logits.view(len(labels), -1), labels)
 
 
 def scores_to_probs(task: TaskSpec, logits: torch.Tensor, n: int) -> torch.Tensor:
@@ -329,7 +276,17 @@ def scores_to_probs(task: TaskSpec, logits: torch.Tensor, n: int) -> torch.Tenso
     return torch.sigmoid(logits) if task.kind == "multi" else torch.softmax(logits, -1)
 
 
-@torch.no_grad()
+def _inputs(split: EncodedSplit, idx: np.ndarray, pad_id: int, rt: Runtime) -> dict[str, Any]:
+    """A batch of examples as model keyword arguments, on the runtime's device."""
+    batch: dict[str, Any] = rt.batch(split.seqs.batch(split.rows(idx), pad_id))
+    candidates, route = split.extras(idx)
+    if candidates is not None:
+        batch["candidates"] = rt.to_device(candidates)
+    if route is not None:
+        batch["route"] = route
+    return batch
+
+
 def predict(
     model: Classifier,
     task: TaskSpec,
@@ -337,24 +294,29 @@ def predict(
     pad_id: int,
     batch_size: int,
     fusion_name: str | None = None,
+    runtime: Runtime | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Probabilities per example (and final-layer [CLS] mixture weights per sequence)."""
-    model.eval()
+    """Probabilities per example (and final-layer [CLS] mixture weights per sequence).
+
+    Runs on the runtime's device under inference mode; only the outputs come back."""
+    rt = runtime or Runtime(next(model.parameters()).device)
     width = split.choices if task.kind == "choice" else task.head_size
     probs = np.zeros((len(split), width), dtype=np.float32)
     mix = None
     batches = sequential_batches(len(split), batch_size, split.lengths)
-    for idx in tqdm(batches, desc="evaluate", mininterval=5, leave=False):
-        rows = split.rows(idx)
-        ids, mask = split.seqs.pad(rows, pad_id)
-        logits, att = model(ids, mask, fusion_name is not None, *split.extras(idx))
-        probs[idx] = scores_to_probs(task, logits, idx.size).numpy()
-        if att is not None:
-            layers = att[fusion_name]
-            last = layers[max(layers)]["output_adapter"]
-            if mix is None:
-                mix = np.zeros((len(split.seqs), last.shape[-1]), dtype=np.float32)
-            mix[rows] = last[:, 0, :]
+    with evaluating(model):
+        for idx in tqdm(batches, desc="evaluate", mininterval=5, leave=False):
+            with rt.autocast():
+                logits, att = model(
+                    **_inputs(split, idx, pad_id, rt), output_mixture=fusion_name is not None
+                )
+            probs[idx] = scores_to_probs(task, logits, idx.size).cpu().numpy()
+            if att is not None:
+                layers = att[fusion_name]
+                last = layers[max(layers)]["output_adapter"]
+                if mix is None:
+                    mix = np.zeros((len(split.seqs), last.shape[-1]), dtype=np.float32)
+                mix[split.rows(idx)] = last[:, 0, :]
     return probs, mix
 
 
@@ -396,7 +358,11 @@ def mixture_frame(split: EncodedSplit, mix: np.ndarray) -> pl.DataFrame:
 
 
 def with_candidates(
-    spec: ModelSpec, tokenizer: Any, data: dict[str, EncodedSplit], task_dir: str | Path
+    spec: ModelSpec,
+    tokenizer: Any,
+    data: dict[str, EncodedSplit],
+    task_dir: str | Path,
+    runtime: Runtime | None = None,
 ) -> dict[str, EncodedSplit]:
     """Attach each example's candidate vector: the frozen base encoder's [CLS] vector of
     its `candidate` text, centred over all candidates and of unit length."""
@@ -409,7 +375,7 @@ def with_candidates(
                 "candidate column (probe: format pair)"
             )
     names = sorted({c for split in data.values() for c in split.frame["candidate"].to_list()})
-    vectors = name_vectors(load_base_model(spec), tokenizer, names)
+    vectors = name_vectors(load_base_model(spec), tokenizer, names, runtime=runtime)
     index = {n: i for i, n in enumerate(names)}
     return {
         s: replace(split, candidates=vectors[[index[c] for c in split.frame["candidate"]]])
@@ -438,6 +404,57 @@ def with_routes(
     return out
 
 
+def load_data(
+    spec: ModelSpec,
+    task: TaskSpec,
+    task_dir: str | Path,
+    method: str,
+    adapters_given: int,
+    cfg: FinetuneConfig,
+    tokenizer: Any,
+    encoded_dir: str | Path | None = None,
+    runtime: Runtime | None = None,
+) -> dict[str, EncodedSplit]:
+    """The three splits with their tokens, labels checked, plus candidate vectors (bilinear
+    head) and routes (oracle) where the run uses them."""
+    data = {}
+    for s in SPLITS:
+        data[s] = load_split(
+            task_dir,
+            s,
+            task.kind,
+            encoded_dir=encoded_dir,
+            tokenizer=tokenizer,
+            max_length=cfg.max_length,
+        )
+        check_labels(task, data[s], Path(task_dir) / f"{s}.parquet")
+    if cfg.head == "bilinear":
+        data = with_candidates(spec, tokenizer, data, task_dir, runtime)
+    if method == "oracle":
+        data = with_routes(data, task_dir, adapters_given)
+    return data
+
+
+def run_fingerprint(
+    spec: ModelSpec,
+    method: str,
+    adapter_dirs: list[Path],
+    data: dict[str, EncodedSplit],
+    cfg: FinetuneConfig,
+) -> str:
+    """What a checkpoint must match to be resumed: settings that change the result, the
+    model, the adapters' bytes and the data."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in EXECUTION_KEYS}
+    parts: list[Any] = [method, spec.identifier()]
+    for d in adapter_dirs:
+        parts += [file_digest(f) for f in sorted(Path(d).iterdir()) if f.is_file()]
+    for split in data.values():
+        parts += [split.seqs.values, split.seqs.offsets, split.labels]
+        if split.seqs.types is not None:
+            parts.append(split.seqs.types)
+    return fingerprint(settings, *parts)
+
+
 def finetune(
     spec: ModelSpec,
     task: TaskSpec,
@@ -447,102 +464,161 @@ def finetune(
     cfg: FinetuneConfig,
     out_dir: str | Path,
     tracker: Tracker | None = None,
+    runtime: Runtime | None = None,
+    encoded_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train on train, select on dev, report test; write every output of the run."""
     out = Path(out_dir)
-    torch.set_num_threads(max(1, cfg.threads))
-    torch.manual_seed(cfg.seed)
+    rt = runtime or Runtime.create("cpu")
+    seed_all(cfg.seed)
     tokenizer = load_tokenizer(spec)
-    data = {}
-    for s in SPLITS:
-        path = Path(task_dir) / f"{s}.parquet"
-        if not path.is_file():
-            raise MopError(f"{path}: task split not found (run the task's prepare step)")
-        data[s] = encode_split(pl.read_parquet(path), tokenizer, cfg.max_length, task.kind)
-        check_labels(task, data[s], path)
-    if cfg.head == "bilinear":
-        data = with_candidates(spec, tokenizer, data, task_dir)
-    if method == "oracle":
-        data = with_routes(data, task_dir, len(adapter_dirs))
+    pad_id = tokenizer.pad_token_id
+    data = load_data(
+        spec, task, task_dir, method, len(adapter_dirs), cfg, tokenizer, encoded_dir, rt
+    )
     model, fusion_name = build_classifier(spec, task, method, adapter_dirs, cfg)
+    forward = rt.prepare(model)
     train = data["train"]
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg))
+    optimizer = rt.optimizer(_param_groups(model, cfg))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup * total), total)
-    best = {"score": -math.inf, "epoch": -1, "state": None}
-    history = []
-    step, seen, seconds, stale = 0, 0, 0.0, 0
-    for epoch in range(cfg.epochs):
-        model.train()
-        losses = []
-        batches = bucketed_batches(train.lengths, cfg.batch_size, cfg.seed, epoch)
-        for idx in tqdm(batches, desc=f"finetune {out.name} epoch {epoch}", mininterval=5):
-            tick = time.perf_counter()
-            ids, mask = train.seqs.pad(train.rows(idx), tokenizer.pad_token_id)
-            logits, _ = model(ids, mask, False, *train.extras(idx))
-            loss = task_loss(task, logits, train.labels[idx])
-            if fusion_name is not None:
-                if cfg.mixture.fusion_reg:
-                    reg = model.encoder.get_fusion_regularization_loss()
-                    if reg is not None:
-                        loss = loss + reg
-                aux = mixture_aux_loss(model)
-                if aux is not None:
-                    loss = loss + aux
-            loss.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            step += 1
-            seen += idx.size
-            seconds += time.perf_counter() - tick
-        dev_probs, _ = predict(model, task, data["dev"], tokenizer.pad_token_id, cfg.batch_size * 4)
-        dev_metrics, _ = evaluate(task, data["dev"], dev_probs)
-        score = dev_metrics[task.main_metric]
-        entry = {
-            "epoch": epoch,
-            "step": step,
-            "train_loss": float(np.mean(losses)),
-            **{f"dev_{k}": v for k, v in dev_metrics.items()},
-        }
-        history.append(entry)
-        if tracker:
-            tracker.log_metrics(
-                {k: v for k, v in entry.items() if k != "epoch"}
-                | {"examples_per_s": seen / max(seconds, 1e-9)},
-                epoch,
+
+    def loss_of(micro: np.ndarray) -> torch.Tensor:
+        """The training loss of some examples: the task's loss plus AdapterFusion's value
+        regulariser and any mixture auxiliary loss (MoE load balance)."""
+        with rt.autocast():
+            logits, _ = forward(**_inputs(train, micro, pad_id, rt))
+        loss = task_loss(task, logits, rt.to_device(torch.from_numpy(train.labels[micro])))
+        if fusion_name is not None:
+            if cfg.mixture.fusion_reg:
+                reg = model.encoder.get_fusion_regularization_loss()
+                if reg is not None:
+                    loss = loss + reg
+            aux = mixture_aux_loss(model)
+            if aux is not None:
+                loss = loss + aux
+        return loss
+
+    ckpt = Checkpoint(out / "checkpoint", run_fingerprint(spec, method, adapter_dirs, data, cfg))
+    state: dict[str, Any] = {
+        "step": 0,
+        "epoch": 0,
+        "batch": 0,
+        "loss_sum": 0.0,  # this epoch's summed batch losses so far
+        "history": [],
+        "best_score": -math.inf,
+        "best_epoch": -1,
+        "best_dev": None,  # the best epoch's dev probabilities
+        "stale": 0,
+        "examples": 0,
+        "seconds": 0.0,
+    }
+    best_weights: dict[str, torch.Tensor] | None = None
+    resumed = ckpt.load(model, optimizer, scheduler)
+    if resumed is not None:
+        state, best_weights = resumed.position, resumed.kept
+        log(f"finetune {out.name}: resuming from step {state['step']} ({ckpt.folder})")
+
+    def save(stop: StopSignal) -> None:
+        ckpt.save(
+            model,
+            optimizer,
+            scheduler,
+            state,
+            kept=(lambda: best_weights) if best_weights is not None else None,
+            kept_tag=state["best_epoch"],
+        )
+        if stop.requested:
+            raise Preempted(
+                f"finetune {out}: stopped by SIGTERM at step {state['step']}; the checkpoint "
+                "holds it, run the same command again to resume"
             )
-        if score > best["score"]:
-            best = {
-                "score": score,
+
+    with StopSignal() as stop:
+        while state["epoch"] < cfg.epochs and state["stale"] < cfg.patience:
+            epoch = state["epoch"]
+            model.train()
+            batches = bucketed_batches(train.lengths, cfg.batch_size, cfg.seed, epoch)
+            loss_sum = torch.tensor(state["loss_sum"], device=rt.device)
+            bar = tqdm(
+                total=len(batches),
+                initial=state["batch"],
+                desc=f"finetune {out.name} epoch {epoch}",
+                mininterval=5,
+            )
+            for b in range(state["batch"], len(batches)):
+                tick = time.perf_counter()
+                loss = accumulate(batches[b], cfg.grad_accum, loss_of)
+                optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
+                loss_sum += loss
+                state["step"] += 1
+                state["batch"] = b + 1
+                state["examples"] += batches[b].size
+                state["seconds"] += time.perf_counter() - tick
+                bar.update(1)
+                if stop.requested or (
+                    cfg.checkpoint_every
+                    and state["step"] % cfg.checkpoint_every == 0
+                    and b + 1 < len(batches)
+                ):
+                    state["loss_sum"] = float(loss_sum)
+                    save(stop)
+            bar.close()
+
+            dev_probs, _ = predict(
+                model, task, data["dev"], pad_id, cfg.eval_batch_size, runtime=rt
+            )
+            dev_metrics, _ = evaluate(task, data["dev"], dev_probs)
+            score = dev_metrics[task.main_metric]
+            entry = {
                 "epoch": epoch,
-                "state": copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()}),
-                "dev": dev_probs,
+                "step": state["step"],
+                "train_loss": float(loss_sum) / max(len(batches), 1),
+                **{f"dev_{k}": v for k, v in dev_metrics.items()},
             }
-            stale = 0
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
-    model.load_state_dict(best["state"])
+            state["history"].append(entry)
+            improved = score > state["best_score"]
+            if improved:
+                state.update(best_score=score, best_epoch=epoch, best_dev=dev_probs.tolist())
+                state["stale"] = 0
+                best_weights = trainable_state(model)
+            else:
+                state["stale"] += 1
+            speed = state["examples"] / max(state["seconds"], 1e-9)
+            log(
+                f"finetune {out.name} epoch {epoch + 1}/{cfg.epochs}: train loss "
+                f"{entry['train_loss']:.4f}, "
+                + ", ".join(f"dev {k} {v:.4f}" for k, v in dev_metrics.items())
+                + f"{' (best)' if improved else ''}, {speed:.1f} examples/s"
+            )
+            if tracker:
+                tracker.log_metrics(
+                    {k: v for k, v in entry.items() if k != "epoch"} | {"examples_per_s": speed},
+                    epoch,
+                )
+            state.update(epoch=epoch + 1, batch=0, loss_sum=0.0)
+            save(stop)
+
+    history = state["history"]
+    if best_weights is None:
+        raise MopError(f"finetune {out}: no epoch was evaluated (epochs = {cfg.epochs})")
+    model.load_state_dict(best_weights, strict=False)
     results: dict[str, Any] = {}
     frames = []
     mixture = None
     for s in SPLITS:
         if s == "dev":  # the best epoch's own dev pass: the same weights, the same probs
-            probs, mix = best["dev"], None
+            probs, mix = np.asarray(state["best_dev"], dtype=np.float32), None
         else:
             probs, mix = predict(
                 model,
                 task,
                 data[s],
-                tokenizer.pad_token_id,
-                cfg.batch_size * 4,
+                pad_id,
+                cfg.eval_batch_size,
                 fusion_name if s == "test" else None,
+                rt,
             )
         metrics, frame = evaluate(task, data[s], probs)
         results[s] = metrics
@@ -554,22 +630,25 @@ def finetune(
         "method": method,
         "seed": cfg.seed,
         "main_metric": task.main_metric,
-        "best_epoch": best["epoch"],
+        "best_epoch": state["best_epoch"],
         "epochs_run": len(history),
-        "steps": step,
-        "examples_per_s": seen / max(seconds, 1e-9),
-        "train_seconds": seconds,
+        "steps": state["step"],
+        "examples_per_s": state["examples"] / max(state["seconds"], 1e-9),
+        "train_seconds": state["seconds"],
         **{f"{s}_{k}": v for s, m in results.items() for k, v in m.items()},
         "history": history,
         "config": asdict(cfg),
+        "runtime": rt.describe() | {"peak_memory_mb": rt.peak_memory_mb()},
     }
     write_parquet(pl.concat(frames), out / "predictions.parquet")
     if mixture is not None:
         write_parquet(mixture, out / "mixture.parquet")
     if cfg.save_model:
+        model.cpu()
         with atomic_path(out / "model.safetensors") as tmp:
             save_model(model, str(tmp))
     write_json(metrics, out / "metrics.json")
+    ckpt.remove()
     if tracker:
         tracker.log_metrics(
             {f"{s}_{k}": v for s, m in results.items() for k, v in m.items()}, len(history)

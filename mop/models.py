@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
+from transformers.models.bert.modeling_bert import BertPooler
 
 from mop.errors import MopError
 
@@ -106,7 +107,8 @@ def load_tokenizer(spec: ModelSpec) -> Any:
 
 
 def load_base_model(spec: ModelSpec) -> torch.nn.Module:
-    """The bare encoder (no head). Random models are seeded, so every job builds the same one."""
+    """The bare encoder with its pooler (no task head). Random models are seeded, so every
+    job builds the same one; their pooler is drawn last, after the other weights."""
     if spec.random is not None:
         r = spec.random
         vocab = load_tokenizer(spec).vocab_size
@@ -121,6 +123,8 @@ def load_base_model(spec: ModelSpec) -> torch.nn.Module:
         state = torch.random.get_rng_state()
         torch.manual_seed(r.get("seed", 0))
         model = BertModel(config, add_pooling_layer=False)
+        model.pooler = BertPooler(config)
+        model.pooler.apply(model._init_weights)
         torch.random.set_rng_state(state)
         return model
     return AutoModel.from_pretrained(

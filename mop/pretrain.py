@@ -8,18 +8,19 @@ examples are added, as in the original code's option.
 
 The KG is tokenized once per (KG, tokenizer) into `tokens.parquet`, shared by all K jobs:
 entity and relation names are tokenized once each and concatenated, so SNOMED-size graphs
-tokenize in seconds. Checkpoints (adapter, head, optimizer, scheduler, RNG states, position
-in the data) are written atomically; a killed job started again resumes where it stopped
-and, on CPU with the same seed, ends with the same adapter as an uninterrupted run.
+tokenize in seconds. The two names are a sentence pair: the relation (or, backwards, the
+entity) is segment 1, as in the fine-tuning of pair tasks. The loop runs on the shared
+runtime (mop.training): device, precision, gradient accumulation, checkpoints (adapter,
+head, optimizer, scheduler, RNG states, position in the data); a killed job started again
+resumes where it stopped and, on CPU with the same seed, ends with the same adapter as an
+uninterrupted run.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,24 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from mop.batching import Sequences, bucketed_batches, sequential_batches
-from mop.errors import MopError
+from mop.errors import MopError, Preempted
 from mop.io import atomic_dir, atomic_path, require_file, write_json
 from mop.kg import read_kg, read_table
+from mop.log import log
 from mop.models import ModelSpec, load_base_model, load_tokenizer
 from mop.partition import MEMBERSHIP_SCHEMA
 from mop.tracking import Tracker
+from mop.training import (
+    Checkpoint,
+    Runtime,
+    StopSignal,
+    accumulate,
+    evaluating,
+    fingerprint,
+    optimizer_step,
+    param_groups,
+    seed_all,
+)
 
 MAX_RELATION_TOKENS = 16
 
@@ -62,8 +75,9 @@ def tokenize_kg(
     """Write the entity-prediction examples of every triple of a KG; return their number.
 
     Columns: direction (0: (h, r) -> t, 1: (r, t) -> h), head, relation, tail, target (the
-    entity to predict) and input_ids. Names are truncated so that every example fits
-    `max_length` tokens: the relation to 16 tokens, then the entity name.
+    entity to predict), input_ids and token_type_ids (0 up to the first [SEP], 1 after).
+    Names are truncated so that every example fits `max_length` tokens: the relation to 16
+    tokens, then the entity name.
     """
     kg = read_kg(kg_dir)
     tok = load_tokenizer(spec)
@@ -99,9 +113,21 @@ def tokenize_kg(
                 pl.lit([sep], dtype=pl.List(pl.Int32)),
                 second,
                 pl.lit([sep], dtype=pl.List(pl.Int32)),
+            ),
+            first_len=pl.col(first).list.len() + 2,
+            second_len=pl.col(second).list.len() + 1,
+        )
+        df = df.with_columns(
+            token_type_ids=pl.concat_list(
+                pl.lit(0, dtype=pl.Int8).repeat_by(pl.col("first_len")),
+                pl.lit(1, dtype=pl.Int8).repeat_by(pl.col("second_len")),
             )
         )
-        frames.append(df.select("direction", "head", "relation", "tail", "target", "input_ids"))
+        frames.append(
+            df.select(
+                "direction", "head", "relation", "tail", "target", "input_ids", "token_type_ids"
+            )
+        )
     out = pl.concat(frames).sort(["direction", "head", "relation", "tail"])
     with atomic_path(out_path) as tmp:
         out.write_parquet(tmp)
@@ -175,8 +201,9 @@ def load_partition_data(
     if heldout_share > 0:
         rng = np.random.default_rng(seed)
         heldout[rng.random(df.height) < heldout_share] = True
+    types = df["token_type_ids"] if "token_type_ids" in df.columns else None
     return PartitionData(
-        Sequences.from_series(df["input_ids"]),
+        Sequences.from_series(df["input_ids"], types),
         df["label"].to_numpy().astype(np.int64),
         query.astype(np.int64),
         entities,
@@ -195,12 +222,37 @@ class EntityPredictor(torch.nn.Module):
         self.encoder = encoder
         self.head = torch.nn.Linear(encoder.config.hidden_size, num_entities)
 
-    def cls(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+    def cls(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        out = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        )
         return out.last_hidden_state[:, 0]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.cls(input_ids, attention_mask))
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.head(self.cls(input_ids, attention_mask, token_type_ids))
+
+
+def entity_loss(
+    forward: Callable[..., torch.Tensor],
+    inputs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    rt: Runtime,
+) -> torch.Tensor:
+    """The entity-prediction loss: cross-entropy of the target entity over the partition's
+    entities (paper section 2.2), computed in fp32 whatever the autocast precision."""
+    with rt.autocast():
+        logits = forward(**inputs)
+    return torch.nn.functional.cross_entropy(logits.float(), labels)
 
 
 def build_adapter_model(
@@ -215,22 +267,32 @@ def build_adapter_model(
     return encoder
 
 
-@torch.no_grad()
 def name_vectors(
-    encoder: torch.nn.Module, tokenizer: Any, names: list[str], batch_size: int = 256
+    encoder: torch.nn.Module,
+    tokenizer: Any,
+    names: list[str],
+    batch_size: int = 256,
+    runtime: Runtime | None = None,
 ) -> torch.Tensor:
     """Centred, unit-length [CLS] vectors of entity names from `encoder` as it is (our
-    entity head initialisation, and the probe's candidate vectors)."""
+    entity head initialisation, and the probe's candidate vectors); on the CPU, fp32.
+
+    Computed on the runtime's device (the encoder comes back to where it was)."""
+    rt = runtime or Runtime(next(encoder.parameters()).device)
     enc = tokenizer(names, truncation=True, max_length=32)
     seqs = Sequences.from_series(pl.Series(enc["input_ids"], dtype=pl.List(pl.Int32)))
     out = torch.empty(len(names), encoder.config.hidden_size)
-    was_training = encoder.training
-    encoder.eval()
-    for idx in sequential_batches(len(seqs), batch_size, seqs.lengths):
-        ids, mask = seqs.pad(idx, tokenizer.pad_token_id)
-        hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        out[torch.from_numpy(idx)] = hidden[:, 0].float()
-    encoder.train(was_training)
+    home = next(encoder.parameters()).device
+    encoder.to(rt.device)
+    with evaluating(encoder):
+        for idx in sequential_batches(len(seqs), batch_size, seqs.lengths):
+            ids, mask = seqs.pad(idx, tokenizer.pad_token_id)
+            with rt.autocast():
+                hidden = encoder(
+                    input_ids=rt.to_device(ids), attention_mask=rt.to_device(mask)
+                ).last_hidden_state
+            out[torch.from_numpy(idx)] = hidden[:, 0].float().cpu()
+    encoder.to(home)
     out = out - out.mean(0, keepdim=True)
     return torch.nn.functional.normalize(out, dim=-1)
 
@@ -251,33 +313,32 @@ def filtered_ranks(
     return 1 + higher.sum(1)
 
 
-@torch.no_grad()
 def knowledge_probe(
     model: EntityPredictor,
     data: PartitionData,
     rows: np.ndarray,
     pad_id: int,
     batch_size: int = 256,
-    device: torch.device | None = None,
+    runtime: Runtime | None = None,
 ) -> dict[str, float]:
     """hits@1, hits@10 and MRR of entity prediction on the given example rows (filtered)."""
     if rows.size == 0:
         return {}
-    device = device or torch.device("cpu")
+    rt = runtime or Runtime(next(model.parameters()).device)
     answers: dict[int, list[int]] = {}
     for q, label in zip(data.query, data.labels, strict=True):
         answers.setdefault(int(q), []).append(int(label))
-    model.eval()
     ranks = []
     batches = sequential_batches(rows.size, batch_size, data.seqs.lengths[rows])
-    for idx in tqdm(batches, desc="knowledge probe", mininterval=5):
-        batch = rows[idx]
-        ids, mask = data.seqs.pad(batch, pad_id)
-        scores = model(ids.to(device), mask.to(device)).float().cpu()
-        known = torch.zeros_like(scores, dtype=torch.bool)
-        for i, q in enumerate(data.query[batch]):
-            known[i, answers[int(q)]] = True
-        ranks.append(filtered_ranks(scores, torch.from_numpy(data.labels[batch]), known))
+    with evaluating(model):
+        for idx in tqdm(batches, desc="knowledge probe", mininterval=5):
+            batch = rows[idx]
+            with rt.autocast():
+                scores = model(**rt.batch(data.seqs.batch(batch, pad_id))).float().cpu()
+            known = torch.zeros_like(scores, dtype=torch.bool)
+            for i, q in enumerate(data.query[batch]):
+                known[i, answers[int(q)]] = True
+            ranks.append(filtered_ranks(scores, torch.from_numpy(data.labels[batch]), known))
     r = torch.cat(ranks).double()
     return {
         "hits_at_1": float((r <= 1).double().mean()),
@@ -293,7 +354,8 @@ def knowledge_probe(
 @dataclass(frozen=True)
 class PretrainConfig:
     epochs: float = 1.0
-    batch_size: int = 32
+    batch_size: int = 32  # examples per optimizer step (split into grad_accum micro-batches)
+    grad_accum: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup: float = 0.0
@@ -305,118 +367,20 @@ class PretrainConfig:
     eval_batch_size: int = 256
     heldout_share: float = 0.0
     seed: int = 0
-    threads: int = 1
-    compile: bool = False
     max_steps: int | None = None  # stop early (benchmarks, fault tests)
 
 
-def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (
-            no_decay
-            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
-            else decay
-        ).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if n in names}
-
-
-def save_checkpoint(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    position: dict[str, Any],
-) -> None:
-    with atomic_dir(path) as tmp:
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "position": position,
-            },
-            tmp / "train_state.pt",
-        )
-
-
-def load_checkpoint(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    fingerprint: str,
-) -> dict[str, Any] | None:
-    """Restore a checkpoint written for the same run (same fingerprint), else None."""
-    if not (path / "train_state.pt").is_file():
-        return None
-    try:
-        state = torch.load(path / "train_state.pt", weights_only=True)
-        trainable = load_file(path / "trainable.safetensors")
-    except Exception as exc:  # any unreadable checkpoint: say which, never guess
-        raise MopError(
-            f"{path}: checkpoint is unreadable ({type(exc).__name__}); delete this folder to "
-            "restart the partition's training from scratch"
-        ) from exc
-    if state["position"].get("fingerprint") != fingerprint:
-        print(f"mop pretrain: ignoring {path}: written for other data or settings", flush=True)
-        return None
-    model.load_state_dict(trainable, strict=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    return state["position"]
-
-
-def train_step(
-    step_fn: Any,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    labels: torch.Tensor,
-    autocast: Any,
-    max_grad_norm: float | None = None,
-) -> torch.Tensor:
-    """One optimisation step of the entity-prediction loss (cross-entropy over the
-    partition's entities); returns the loss."""
-    device = next(model.parameters()).device
-    with autocast:
-        logits = step_fn(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
-    loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
-    loss.backward()
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+# Settings that change how a run executes, not what it computes.
+EXECUTION_KEYS = ("grad_accum", "log_every", "checkpoint_every", "eval_batch_size")
 
 
 def run_fingerprint(spec: ModelSpec, data: PartitionData, cfg: PretrainConfig) -> str:
     """What a checkpoint must match to be resumed: settings that change the result, data."""
-    settings = {
-        k: v
-        for k, v in asdict(cfg).items()
-        if k not in ("threads", "log_every", "checkpoint_every", "eval_batch_size")
-    }
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    digest.update(spec.identifier().encode())
-    for array in (data.labels, data.seqs.values, data.seqs.offsets, data.heldout):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:16]
+    settings = {k: v for k, v in asdict(cfg).items() if k not in EXECUTION_KEYS}
+    arrays = [data.labels, data.seqs.values, data.seqs.offsets, data.heldout]
+    if data.seqs.types is not None:
+        arrays.append(data.seqs.types)
+    return fingerprint(settings, spec.identifier(), *arrays)
 
 
 def pretrain_partition(
@@ -427,26 +391,23 @@ def pretrain_partition(
     tracker: Tracker | None = None,
     adapter_name: str = "knowledge",
     source: dict | None = None,
+    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
     """Train one partition's adapter and head; write them, a model card and metrics."""
     out = Path(out_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(max(1, cfg.threads))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(cfg.seed)
+    rt = runtime or Runtime.create("cpu")
+    seed_all(cfg.seed)
     tokenizer = load_tokenizer(spec)
+    pad_id = tokenizer.pad_token_id
     model = EntityPredictor(
         build_adapter_model(spec, adapter_name, cfg.reduction_factor), data.num_entities
     )
     if cfg.head_init == "names":
         model.head.weight.data.copy_(
-            name_vectors(model.encoder, tokenizer, data.entities["name"].to_list())
+            name_vectors(model.encoder, tokenizer, data.entities["name"].to_list(), runtime=rt)
         )
         model.head.bias.data.zero_()
-    model.to(device)
-    step_fn = torch.compile(model) if cfg.compile else model
+    forward = rt.prepare(model)
 
     train_rows = np.flatnonzero(~data.heldout)
     lengths = data.seqs.lengths[train_rows]
@@ -454,16 +415,17 @@ def pretrain_partition(
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=device.type == "cuda"
-    )
+    optimizer = rt.optimizer(param_groups(model, cfg.weight_decay, {"all": cfg.lr}))
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(cfg.warmup * total_steps), total_steps
     )
 
-    ckpt = out / "checkpoint"
-    fingerprint = run_fingerprint(spec, data, cfg)
-    position = load_checkpoint(ckpt, model, optimizer, scheduler, fingerprint) or {
+    def loss_of(rows: np.ndarray) -> torch.Tensor:
+        labels = rt.to_device(torch.from_numpy(data.labels[rows]))
+        return entity_loss(forward, rt.batch(data.seqs.batch(rows, pad_id)), labels, rt)
+
+    ckpt = Checkpoint(out / "checkpoint", run_fingerprint(spec, data, cfg))
+    state: dict[str, Any] = {
         "step": 0,
         "epoch": 0,
         "batch": 0,
@@ -471,93 +433,78 @@ def pretrain_partition(
         "examples": 0,
         "seconds": 0.0,
     }
-    if position["step"]:
-        print(f"mop pretrain: resuming from step {position['step']} ({ckpt})", flush=True)
-    history: list[list[float]] = position["history"]
-    step, epoch, start_batch = position["step"], position["epoch"], position["batch"]
-    seen, seconds = position["examples"], position["seconds"]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = tqdm(total=total_steps, initial=step, desc=f"pretrain {out.name}", mininterval=5)
+    resumed = ckpt.load(model, optimizer, scheduler)
+    if resumed is not None:
+        state = resumed.position
+        log(f"pretrain {out.name}: resuming from step {state['step']} ({ckpt.folder})")
+    history: list[list[float]] = state["history"]
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"pretrain {out.name}", mininterval=5)
     model.train()
-    while step < total_steps:
-        batches = bucketed_batches(lengths, cfg.batch_size, cfg.seed, epoch)
-        for b in range(start_batch, len(batches)):
-            tick = time.perf_counter()
-            rows = train_rows[batches[b]]
-            ids, mask = data.seqs.pad(rows, tokenizer.pad_token_id)
-            labels = torch.from_numpy(data.labels[rows])
-            loss = train_step(
-                step_fn, model, optimizer, scheduler, ids, mask, labels, autocast, cfg.max_grad_norm
-            )
-            step += 1
-            seen += rows.size
-            seconds += time.perf_counter() - tick
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                lr = scheduler.get_last_lr()[0]
-                history.append([step, loss.item(), lr, seen / max(seconds, 1e-9)])
-                if tracker:
-                    tracker.log_metrics(
-                        {
-                            "loss": history[-1][1],
-                            "lr": lr,
-                            "examples_per_s": seen / max(seconds, 1e-9),
-                        },
-                        step,
-                    )
-            done_epoch = b + 1 == len(batches)
-            if step % cfg.checkpoint_every == 0 or done_epoch or step == total_steps:
-                pos = {
-                    "step": step,
-                    "epoch": epoch + done_epoch,
-                    "batch": 0 if done_epoch else b + 1,
-                    "history": history,
-                    "examples": seen,
-                    "seconds": seconds,
-                    "fingerprint": fingerprint,
-                }
-                save_checkpoint(ckpt, model, optimizer, scheduler, pos)
-            if step >= total_steps:
-                break
-        else:
-            epoch += 1
-            start_batch = 0
-            continue
-        break
+    with StopSignal() as stop:
+        while state["step"] < total_steps:
+            batches = bucketed_batches(lengths, cfg.batch_size, cfg.seed, state["epoch"])
+            for b in range(state["batch"], len(batches)):
+                tick = time.perf_counter()
+                rows = train_rows[batches[b]]
+                loss = accumulate(rows, cfg.grad_accum, loss_of)
+                optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
+                state["step"] += 1
+                state["examples"] += rows.size
+                state["seconds"] += time.perf_counter() - tick
+                step = state["step"]
+                done_epoch = b + 1 == len(batches)
+                state["epoch"] += done_epoch
+                state["batch"] = 0 if done_epoch else b + 1
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == total_steps:
+                    lr = scheduler.get_last_lr()[0]
+                    speed = state["examples"] / max(state["seconds"], 1e-9)
+                    history.append([step, loss.item(), lr, speed])
+                    if tracker:
+                        tracker.log_metrics(
+                            {"loss": history[-1][1], "lr": lr, "examples_per_s": speed}, step
+                        )
+                if (
+                    stop.requested
+                    or step % cfg.checkpoint_every == 0
+                    or done_epoch
+                    or step == total_steps
+                ):
+                    ckpt.save(model, optimizer, scheduler, state)
+                    if stop.requested:
+                        raise Preempted(
+                            f"pretrain {out}: stopped by SIGTERM at step {step}; the "
+                            "checkpoint holds it, run the same command again to resume"
+                        )
+                if step >= total_steps or done_epoch:
+                    break
     bar.close()
 
-    probe = {
-        "train": knowledge_probe(
-            model, data, train_rows, tokenizer.pad_token_id, cfg.eval_batch_size, device
-        )
-    }
+    probe = {"train": knowledge_probe(model, data, train_rows, pad_id, cfg.eval_batch_size, rt)}
     if data.heldout.any():
         probe["heldout"] = knowledge_probe(
-            model,
-            data,
-            np.flatnonzero(data.heldout),
-            tokenizer.pad_token_id,
-            cfg.eval_batch_size,
-            device,
+            model, data, np.flatnonzero(data.heldout), pad_id, cfg.eval_batch_size, rt
         )
     metrics = {
-        "steps": step,
-        "examples_seen": seen,
-        "train_seconds": seconds,
-        "examples_per_s": seen / max(seconds, 1e-9),
+        "steps": state["step"],
+        "examples_seen": state["examples"],
+        "train_seconds": state["seconds"],
+        "examples_per_s": state["examples"] / max(state["seconds"], 1e-9),
         "final_loss": history[-1][1] if history else None,
         "entities": data.num_entities,
         "train_examples": int(train_rows.size),
         "probe": probe,
+        "runtime": rt.describe() | {"peak_memory_mb": rt.peak_memory_mb()},
         "loss_curve": [
             {"step": s, "loss": lo, "lr": lr, "examples_per_s": eps} for s, lo, lr, eps in history
         ],
     }
-    save_outputs(model, out, adapter_name, metrics, cfg, spec, fingerprint, source)
-    shutil.rmtree(ckpt, ignore_errors=True)
+    fp = ckpt.fingerprint
+    save_outputs(model, out, adapter_name, metrics, cfg, spec, fp, source)
+    ckpt.remove()
     if tracker:
         flat = {f"{split}_{k}": v for split, m in probe.items() for k, v in m.items()}
-        tracker.log_metrics(flat | {"train_seconds": seconds}, step)
+        tracker.log_metrics(flat | {"train_seconds": state["seconds"]}, state["step"])
         tracker.log_artifact(out / "metrics.json")
         tracker.log_artifact(out / "card.json")
     return metrics

@@ -28,6 +28,7 @@ from mop.models import ModelSpec, load_base_model, load_tokenizer
 from mop.partition import MEMBERSHIP_SCHEMA
 from mop.pretrain import load_entity_predictor, name_vectors
 from mop.tasks import SPLITS
+from mop.training import Runtime, evaluating
 
 
 def best_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -61,7 +62,6 @@ def _accuracies(scores: dict[str, np.ndarray], splits: dict[str, pl.DataFrame]) 
     } | {"threshold": cut}
 
 
-@torch.no_grad()
 def zero_shot(
     spec: ModelSpec,
     task_dir: str | Path,
@@ -70,10 +70,11 @@ def zero_shot(
     adapter_dirs: list[Path],
     out_dir: str | Path,
     relation: str = "has phenotype",
-    threads: int = 1,
+    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
-    """Score every probe question with its partition's adapter and pretrained head."""
-    torch.set_num_threads(max(1, threads))
+    """Score every probe question with its partition's adapter and pretrained head
+    (the pretraining input: the disease and the relation as a sentence pair)."""
+    rt = runtime or Runtime.create("cpu")
     splits = _splits(task_dir)
     names = read_kg(kg_dir).entities["name"].to_list()
     local = (
@@ -86,7 +87,7 @@ def zero_shot(
     for k, adapter_dir in enumerate(adapter_dirs):
         model = load_entity_predictor(
             spec, adapter_dir / "adapter", adapter_dir / "head.safetensors"
-        )
+        ).to(rt.device)
         for s, frame in splits.items():
             rows = np.flatnonzero(frame["partition"].to_numpy() == k)
             if rows.size == 0:
@@ -98,13 +99,19 @@ def zero_shot(
                 truncation=True,
                 max_length=64,
             )
-            seqs = Sequences.from_series(pl.Series(enc["input_ids"], dtype=pl.List(pl.Int32)))
+            seqs = Sequences.from_series(
+                pl.Series(enc["input_ids"], dtype=pl.List(pl.Int32)),
+                pl.Series(enc["token_type_ids"], dtype=pl.List(pl.Int8))
+                if "token_type_ids" in enc
+                else None,
+            )
             target = torch.from_numpy(local[part["phenotype"].to_numpy()].astype(np.int64))
-            for idx in sequential_batches(len(seqs), 256, seqs.lengths):
-                ids, mask = seqs.pad(idx, tokenizer.pad_token_id)
-                logits = model(ids, mask)
-                pick = logits.gather(1, target[torch.from_numpy(idx)][:, None])[:, 0]
-                scores[s][rows[idx]] = pick.numpy()
+            with evaluating(model):
+                for idx in sequential_batches(len(seqs), 256, seqs.lengths):
+                    with rt.autocast():
+                        logits = model(**rt.batch(seqs.batch(idx, tokenizer.pad_token_id)))
+                    pick = logits.float().cpu().gather(1, target[torch.from_numpy(idx)][:, None])
+                    scores[s][rows[idx]] = pick[:, 0].numpy()
     metrics = {
         "task": "probe",
         "method": "zeroshot",
@@ -131,6 +138,7 @@ def shortcut_baselines(
     kg_dir: str | Path,
     out_path: str | Path,
     relation: str = "has phenotype",
+    runtime: Runtime | None = None,
 ) -> dict[str, dict[str, float]]:
     """Accuracy of answers that use no knowledge of the (disease, phenotype) pair."""
     splits = _splits(task_dir)
@@ -146,7 +154,9 @@ def shortcut_baselines(
     used = sorted(
         {int(x) for f in splits.values() for c in ("disease", "phenotype") for x in f[c].to_list()}
     )
-    vectors = name_vectors(load_base_model(spec), load_tokenizer(spec), [names[i] for i in used])
+    vectors = name_vectors(
+        load_base_model(spec), load_tokenizer(spec), [names[i] for i in used], runtime=runtime
+    )
     row = {e: i for i, e in enumerate(used)}
 
     def prior(column: str) -> dict[str, np.ndarray]:

@@ -39,6 +39,39 @@ def require_tool(name: str) -> str:
     return path
 
 
+def corrupt_checkpoint(folder: Path) -> None:
+    """A checkpoint folder whose latest checkpoint holds garbage."""
+    step = folder / "step-00000010"
+    step.mkdir(parents=True)
+    (step / "train_state.pt").write_bytes(b"not a checkpoint")
+    (step / "trainable.safetensors").write_bytes(b"garbage")
+    (folder / "latest.json").write_text('{"dir": "step-00000010", "step": 10}')
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of the latest complete checkpoint in a job's checkpoint folder, if any."""
+    import json
+
+    try:
+        return int(json.loads((folder / "latest.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def kill_at_checkpoint(proc: subprocess.Popen, folder: Path, sig: int, timeout: float = 120) -> int:
+    """Send `sig` to `proc` as soon as a checkpoint exists; return that checkpoint's step."""
+    import time
+
+    deadline = time.time() + timeout
+    while checkpoint_step(folder) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    step = checkpoint_step(folder)
+    proc.send_signal(sig)
+    proc.wait()
+    assert step is not None, "the job finished before a checkpoint could be interrupted"
+    return step
+
+
 @pytest.fixture(scope="session")
 def models() -> dict:
     return MODELS

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import yaml
 
-from tests.conftest import MODELS, REPO
+from tests.conftest import MODELS, REPO, corrupt_checkpoint
 
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
@@ -287,8 +287,7 @@ def test_options_that_are_not_json(tmp_path):
 
 def test_unreadable_checkpoint(small_kg, small_partition, small_tokens, tmp_path):
     out = tmp_path / "p0"
-    (out / "checkpoint").mkdir(parents=True)
-    (out / "checkpoint" / "train_state.pt").write_bytes(b"\x00" * 64)
+    corrupt_checkpoint(out / "checkpoint")
     result = mop(
         "pretrain",
         "--kg",

@@ -2,7 +2,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import polars as pl
@@ -22,6 +21,7 @@ from mop.pretrain import (
     load_partition_data,
     pretrain_partition,
 )
+from tests.conftest import checkpoint_step, kill_at_checkpoint
 
 
 def test_tokens_read_cls_head_sep_relation_sep(small_kg, small_tokens, tiny_spec):
@@ -179,14 +179,8 @@ def test_resume_after_sigkill_gives_the_uninterrupted_adapter(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    state = killed / "checkpoint" / "train_state.pt"
-    deadline = time.time() + 120
-    while not state.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert state.exists(), "the job finished before a checkpoint could be interrupted"
-    step = torch.load(state, weights_only=True)["position"]["step"]
+    kill_at_checkpoint(proc, killed / "checkpoint", signal.SIGKILL)
+    step = checkpoint_step(killed / "checkpoint")
     assert not (killed / "adapter").exists()
     result = subprocess.run(
         _pretrain_cmd(small_kg, small_partition, small_tokens, killed, models),

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from mop.io import read_json
-from tests.conftest import REPO, require_tool, snakemake, tiny_workdir
+from tests.conftest import REPO, checkpoint_step, require_tool, snakemake, tiny_workdir
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -157,16 +157,15 @@ def test_scancelled_pretraining_resumes_to_the_uninterrupted_result(
         _pretrain_cmd(small_kg, small_partition, small_tokens, killed, models),
         tmp_path / "first.log",
     )
-    state = killed / "checkpoint" / "train_state.pt"
     deadline = time.time() + 240
-    while not state.exists() and time.time() < deadline:
+    while checkpoint_step(killed / "checkpoint") is None and time.time() < deadline:
         time.sleep(0.01)
     subprocess.run(["scancel", job], check=True)
     _wait_gone(job)
-    assert state.exists() and not (killed / "adapter").exists(), (
+    step = checkpoint_step(killed / "checkpoint")
+    assert step is not None and not (killed / "adapter").exists(), (
         tmp_path / "first.log"
     ).read_text()
-    step = torch.load(state, weights_only=True)["position"]["step"]
     job = _sbatch(
         _pretrain_cmd(small_kg, small_partition, small_tokens, killed, models),
         tmp_path / "second.log",

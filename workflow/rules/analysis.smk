@@ -19,6 +19,7 @@ checkpoint select_subsets:
 rule finetune_subset:
     input:
         task=f"{R}/tasks/{{task}}/summary.json",
+        encoded=lambda w: f"{encoded_root(w.task, w.model)}/encoding.json",
         selection=lambda w: checkpoints.select_subsets.get(
             task=w.task, model=w.model, kg=w.kg, k=w.k
         ).output[0],
@@ -34,6 +35,7 @@ rule finetune_subset:
         options=lambda w: task_options(w.task),
         models=lambda w: models_json(),
         task_dir=lambda w: task_dir(w.task, w.seed),
+        encoded=lambda w: encoded_dir(w.task, w.model, w.seed),
         adapters=lambda w: " ".join(subset_adapter_dirs(w)),
         out=lambda w: f"{R}/finetune/{w.task}/{w.model}/mop-{w.mixture}/{w.kg}/k{w.k}-metis/subset-{w.subset}/seed{w.seed}",
         tags=lambda w: tags(
@@ -54,7 +56,8 @@ rule finetune_subset:
         "mop finetune --task {wildcards.task} --task-dir {params.task_dir} --method mop"
         " --mixture {wildcards.mixture} --adapters {params.adapters}"
         " --model {wildcards.model} --models {params.models:q} --seed {wildcards.seed}"
-        " --options {params.options:q} --threads {threads} --out {params.out}"
+        " --options {params.options:q} --encoded {params.encoded} {RUNTIME}"
+        " --threads {threads} --out {params.out}"
         " --experiment {params.experiment} --run-name {params.name:q} --tags {params.tags:q}"
         " --results {R} 2> {log:q}"
 

@@ -68,6 +68,8 @@ RESOURCE_DEFAULTS = {"threads": 1, "mem_mb": 4000, "runtime": 120, "gpus": 0}
 
 
 SLURM_KEYS = ("slurm_partition", "slurm_account", "slurm_extra")
+GPU_STAGES = ("pretrain", "finetune")
+RT = config["runtime"]
 
 
 def res(stage, key):
@@ -80,9 +82,14 @@ def res(stage, key):
 
 
 def stage_resources(stage):
-    """Resources of a stage's jobs; `gpu` and the slurm_* keys are the SLURM plugin's names."""
-    out = {"mem_mb": res(stage, "mem_mb"), "runtime": res(stage, "runtime"),
-           "gpu": res(stage, "gpus")}
+    """Resources of a stage's jobs in the SLURM plugin's names (`gpu`, `gpu_model`,
+    `cpus_per_gpu`, slurm_*). Only the training stages can ask for GPUs."""
+    out = {"mem_mb": res(stage, "mem_mb"), "runtime": res(stage, "runtime")}
+    if stage in GPU_STAGES and res(stage, "gpus"):
+        out["gpu"] = res(stage, "gpus")
+        for key in ("gpu_model", "cpus_per_gpu"):
+            if res(stage, key) is not None:
+                out[key] = res(stage, key)
     out.update({k: res(stage, k) for k in SLURM_KEYS if res(stage, k) is not None})
     return out
 
@@ -134,6 +141,30 @@ def task_files(task):
 
 def task_dir(task, seed):
     return task_run_dir(config, task, seed)
+
+
+def tokenizer_of(model):
+    """The alias whose tokenizer a model uses (random test models borrow one)."""
+    entry = config["models"][model]
+    return entry["tokenizer"] if "random" in entry else model
+
+
+def encoded_root(task, model):
+    """The tokens of a task's splits for a model's tokenizer at the task's max_length."""
+    length = task_training(config, task)["max_length"]
+    return f"{R}/encoded/{task}/{tokenizer_of(model)}/len{length}"
+
+
+def encoded_dir(task, model, seed):
+    """The tokens one run reads (fold `seed` of cross-validated tasks)."""
+    return task_run_dir(config, task, seed).replace(f"{R}/tasks/{task}", encoded_root(task, model))
+
+
+# Where training and inference run: flags of every training job, never params, so that
+# moving a run between CPU and GPU does not rerun it.
+RUNTIME = f"--device {RT['device']} --precision {RT['precision']}" + (
+    " --compile" if RT["compile"] else ""
+)
 
 
 def mop_kgs():

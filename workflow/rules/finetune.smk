@@ -57,18 +57,44 @@ rule task_pubmedqa:
         "mop task pubmedqa --options {params.options:q} --out {params.out} 2> {log:q}"
 
 
+rule encode:
+    input:
+        f"{R}/tasks/{{task}}/summary.json",
+    output:
+        f"{R}/encoded/{{task}}/{{tokenizer}}/len{{length}}/encoding.json",
+    params:
+        models=lambda w: models_json(),
+        task_dir=lambda w: f"{R}/tasks/{w.task}",
+        out=lambda w: f"{R}/encoded/{w.task}/{w.tokenizer}/len{w.length}",
+    wildcard_constraints:
+        tokenizer=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+        length=r"\d+",
+    resources:
+        **stage_resources("tokenize"),
+    conda:
+        "../envs/mop.yaml"
+    log:
+        f"{R}/logs/encode/{{task}}/{{tokenizer}}/len{{length}}.log",
+    shell:
+        "mop encode --task {wildcards.task} --task-dir {params.task_dir}"
+        " --model {wildcards.tokenizer} --models {params.models:q}"
+        " --max-length {wildcards.length} --out {params.out} 2> {log:q}"
+
+
 FINETUNE_OUTPUTS = ["metrics.json", "predictions.parquet"]
 
 
 rule finetune_base:
     input:
         task=f"{R}/tasks/{{task}}/summary.json",
+        encoded=lambda w: f"{encoded_root(w.task, w.model)}/encoding.json",
     output:
         [f"{R}/finetune/{{task}}/{{model}}/base/seed{{seed}}/{f}" for f in FINETUNE_OUTPUTS],
     params:
         options=lambda w: task_options(w.task),
         models=lambda w: models_json(),
         task_dir=lambda w: task_dir(w.task, w.seed),
+        encoded=lambda w: encoded_dir(w.task, w.model, w.seed),
         out=lambda w: f"{R}/finetune/{w.task}/{w.model}/base/seed{w.seed}",
         tags=lambda w: tags(stage="finetune", task=w.task, model=w.model, method="base",
                             seed=w.seed),
@@ -84,7 +110,8 @@ rule finetune_base:
     shell:
         "mop finetune --task {wildcards.task} --task-dir {params.task_dir} --method base"
         " --model {wildcards.model} --models {params.models:q} --seed {wildcards.seed}"
-        " --options {params.options:q} --threads {threads} --out {params.out}"
+        " --options {params.options:q} --encoded {params.encoded} {RUNTIME}"
+        " --threads {threads} --out {params.out}"
         " --experiment {params.experiment} --run-name {params.name:q} --tags {params.tags:q}"
         " --results {R} 2> {log:q}"
 
@@ -92,6 +119,7 @@ rule finetune_base:
 rule finetune_mop:
     input:
         task=f"{R}/tasks/{{task}}/summary.json",
+        encoded=lambda w: f"{encoded_root(w.task, w.model)}/encoding.json",
         adapters=lambda w: [f"{d}/adapter.safetensors" for d in adapter_dirs(w.kg, w.k, w.scheme, w.model)],
     output:
         [
@@ -102,6 +130,7 @@ rule finetune_mop:
         options=lambda w: task_options(w.task),
         models=lambda w: models_json(),
         task_dir=lambda w: task_dir(w.task, w.seed),
+        encoded=lambda w: encoded_dir(w.task, w.model, w.seed),
         adapters=lambda w: " ".join(adapter_dirs(w.kg, w.k, w.scheme, w.model)),
         out=lambda w: f"{R}/finetune/{w.task}/{w.model}/mop-{w.mixture}/{w.kg}/k{w.k}-{w.scheme}/seed{w.seed}",
         tags=lambda w: tags(stage="finetune", task=w.task, model=w.model, method="mop",
@@ -119,7 +148,8 @@ rule finetune_mop:
         "mop finetune --task {wildcards.task} --task-dir {params.task_dir} --method mop"
         " --mixture {wildcards.mixture} --adapters {params.adapters}"
         " --model {wildcards.model} --models {params.models:q} --seed {wildcards.seed}"
-        " --options {params.options:q} --threads {threads} --out {params.out}"
+        " --options {params.options:q} --encoded {params.encoded} {RUNTIME}"
+        " --threads {threads} --out {params.out}"
         " --experiment {params.experiment} --run-name {params.name:q} --tags {params.tags:q}"
         " --results {R} 2> {log:q}"
 
@@ -127,6 +157,7 @@ rule finetune_mop:
 rule finetune_oracle:
     input:
         task=f"{R}/tasks/{{task}}/summary.json",
+        encoded=lambda w: f"{encoded_root(w.task, w.model)}/encoding.json",
         adapters=lambda w: [f"{d}/adapter.safetensors" for d in adapter_dirs(w.kg, w.k, w.scheme, w.model)],
     output:
         [
@@ -137,6 +168,7 @@ rule finetune_oracle:
         options=lambda w: task_options(w.task),
         models=lambda w: models_json(),
         task_dir=lambda w: task_dir(w.task, w.seed),
+        encoded=lambda w: encoded_dir(w.task, w.model, w.seed),
         adapters=lambda w: " ".join(adapter_dirs(w.kg, w.k, w.scheme, w.model)),
         out=lambda w: f"{R}/finetune/{w.task}/{w.model}/oracle/{w.kg}/k{w.k}-{w.scheme}/seed{w.seed}",
         tags=lambda w: tags(stage="finetune", task=w.task, model=w.model, method="oracle",
@@ -154,7 +186,8 @@ rule finetune_oracle:
         "mop finetune --task {wildcards.task} --task-dir {params.task_dir} --method oracle"
         " --adapters {params.adapters}"
         " --model {wildcards.model} --models {params.models:q} --seed {wildcards.seed}"
-        " --options {params.options:q} --threads {threads} --out {params.out}"
+        " --options {params.options:q} --encoded {params.encoded} {RUNTIME}"
+        " --threads {threads} --out {params.out}"
         " --experiment {params.experiment} --run-name {params.name:q} --tags {params.tags:q}"
         " --results {R} 2> {log:q}"
 
@@ -188,7 +221,7 @@ rule probe_controls:
         "mop probe-controls --task-dir {R}/tasks/probe --kg {params.kg}"
         " --partition {params.partition} --adapters {params.adapters}"
         " --model {wildcards.model} --models {params.models:q} --options {params.options:q}"
-        " --threads {threads} --out {params.out}"
+        " {RUNTIME} --threads {threads} --out {params.out}"
         " --experiment {params.experiment} --run-name {params.name:q} --tags {params.tags:q}"
         " --results {R} 2> {log:q}"
 
@@ -196,6 +229,7 @@ rule probe_controls:
 rule finetune_adapter:
     input:
         task=f"{R}/tasks/{{task}}/summary.json",
+        encoded=lambda w: f"{encoded_root(w.task, w.model)}/encoding.json",
         adapter=f"{R}/adapters/{{kg}}/k{{k}}-metis/{{model}}/p{{part}}/adapter/adapter.safetensors",
     output:
         [
@@ -206,6 +240,7 @@ rule finetune_adapter:
         options=lambda w: task_options(w.task),
         models=lambda w: models_json(),
         task_dir=lambda w: task_dir(w.task, w.seed),
+        encoded=lambda w: encoded_dir(w.task, w.model, w.seed),
         adapter=lambda w, input: str(Path(input.adapter).parent),
         out=lambda w: f"{R}/finetune/{w.task}/{w.model}/adapter/{w.kg}/k{w.k}-metis/p{w.part}/seed{w.seed}",
         tags=lambda w: tags(stage="finetune", task=w.task, model=w.model, method="adapter",
@@ -223,6 +258,7 @@ rule finetune_adapter:
         "mop finetune --task {wildcards.task} --task-dir {params.task_dir} --method adapter"
         " --adapters {params.adapter}"
         " --model {wildcards.model} --models {params.models:q} --seed {wildcards.seed}"
-        " --options {params.options:q} --threads {threads} --out {params.out}"
+        " --options {params.options:q} --encoded {params.encoded} {RUNTIME}"
+        " --threads {threads} --out {params.out}"
         " --experiment {params.experiment} --run-name {params.name:q} --tags {params.tags:q}"
         " --results {R} 2> {log:q}"

@@ -8,6 +8,8 @@ rule tokenize:
         kg=lambda w: f"{R}/kg/{w.kg}",
         max_length=config["pretrain"]["max_length"],
         bidirectional="--bidirectional" if config["pretrain"]["bidirectional"] else "",
+    resources:
+        **stage_resources("tokenize"),
     conda:
         "../envs/mop.yaml"
     log:
@@ -45,6 +47,6 @@ rule pretrain:
     shell:
         "mop pretrain --kg {params.kg} --tokens {input.tokens:q} --partition {params.partition}"
         " --part {wildcards.part} --model {wildcards.model} --models {params.models:q}"
-        " --options {params.options:q} --threads {threads} --out {params.out}"
+        " --options {params.options:q} {RUNTIME} --threads {threads} --out {params.out}"
         " --experiment {params.experiment} --run-name {params.name:q} --tags {params.tags:q}"
         " --results {R} 2> {log:q}"
