@@ -367,9 +367,10 @@ class Checkpoint:
             kept_path = current / "kept.safetensors"
             kept = load_file(kept_path) if kept_path.is_file() else None
         except Exception as exc:  # any unreadable checkpoint: say which, never guess
+            reason = (str(exc).splitlines() or [""])[0][:200]
             raise MopError(
-                f"{current}: checkpoint is unreadable ({type(exc).__name__}: {exc}); delete "
-                f"{self.folder} to restart this job from scratch"
+                f"{current}: checkpoint is unreadable ({type(exc).__name__}: {reason}); "
+                f"delete {self.folder} to restart this job from scratch"
             ) from exc
         position = state["position"]
         if position.get("fingerprint") != self.fingerprint:

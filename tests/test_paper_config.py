@@ -73,6 +73,7 @@ def test_dry_run_lists_the_papers_jobs(tmp_path):
         "pretrain": kgs * models * k,
         "task_data": 5,  # hoc, bioasq7b, bioasq8b, mednli, medqa
         "task_pubmedqa": 1,  # writes the 10 folds
+        "encode": 6 * models,  # each task's tokens once per tokenizer, for every run
         "finetune_base": models * runs,
         "finetune_mop": models * runs * kgs,
         "table_main": 1,  # Table 1
@@ -83,7 +84,15 @@ def test_dry_run_lists_the_papers_jobs(tmp_path):
         "publish": 1,  # the MLflow report run
         "all": 1,
     }
-    assert sum(jobs.values()) == 522
+    assert sum(jobs.values()) == 540
+    # GPUs go to the training jobs only, never to a CPU stage
+    blocks = re.findall(r"^rule (\w+):\n(.*?)(?=^\S)", result.stdout, flags=re.M | re.S)
+    gpu = collections.Counter(name for name, body in blocks if "gpu=1" in body)
+    assert gpu == {
+        "pretrain": jobs["pretrain"],
+        "finetune_base": jobs["finetune_base"],
+        "finetune_mop": jobs["finetune_mop"],
+    }
     # per-task settings reach the jobs; PubMedQA run i reads fold i
     commands = [
         c for c in result.stdout.splitlines() if c.startswith("Shell command: mop finetune")
@@ -95,6 +104,8 @@ def test_dry_run_lists_the_papers_jobs(tmp_path):
         seed = re.search(r"--seed (\d+)", c)[1]
         assert f"--task-dir results/tasks/pubmedqa/fold{seed} " in c
         assert '"batch_size": 8' in c and '"max_length": 512' in c
+        assert re.search(rf"--encoded results/encoded/pubmedqa/\w+/len512/fold{seed} ", c)
+        assert "--device auto --precision auto" in c
     hoc = [c for c in commands if "--task hoc" in c]
     assert all('"lr": 2e-05' in c and '"batch_size": 32' in c for c in hoc)
     assert all(" --task-dir results/tasks/hoc " in c for c in hoc)

@@ -1,0 +1,68 @@
+"""The benchmarks' code paths run; nothing here asserts a speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable)
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_finetune_gpu_section_runs_on_the_cpu_in_smoke_mode():
+    result = run(
+        sys.executable,
+        "benchmarks/finetune_throughput.py",
+        "--gpu",
+        "--device",
+        "cpu",
+        "--smoke",
+        "--threads",
+        "1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["benchmark"] == "finetune_throughput_gpu"
+    assert line["smoke"] is True
+    assert line["device"] == "cpu" and line["card"].startswith("none")
+    assert line["precision"] == "bf16" and line["runtime"]["precision"] == "bf16"
+    assert line["seq_len"] == 64 and line["steps"] == 5
+    assert "2 SeqBn adapters" in line["model"] and "softmax fusion" in line["model"]
+    for key in ("examples_per_s", "tokens_per_s", "train_gflop_per_token", "achieved_tflops"):
+        assert line[key] > 0, key
+    assert line["peak_bf16_tflops"] == "unknown card" and line["mfu"] is None
+    assert line["peak_memory_mb"] is None  # measured on CUDA only
+    assert line["machine"]
+    curve = line["bf16_vs_fp32"]
+    assert len(curve["loss_fp32"]) == len(curve["loss_bf16"]) == 5
+    assert all(x > 0 for x in curve["loss_fp32"] + curve["loss_bf16"])
+    assert curve["loss_fp32"] != curve["loss_bf16"]  # two precisions, not one run twice
+    assert curve["max_rel_diff"] >= curve["last10_rel_diff"] >= 0
+    assert curve["tolerance"] == 2e-2 and isinstance(curve["passed"], bool)
+
+
+def test_finetune_gpu_section_refuses_to_run_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    result = run(sys.executable, "benchmarks/finetune_throughput.py", "--gpu", "--smoke")
+    assert result.returncode != 0
+    assert "sees no CUDA device" in result.stderr
+
+
+def test_gpu_check_stops_clearly_without_a_gpu():
+    if shutil.which("nvidia-smi"):
+        pytest.skip("nvidia-smi is present: the script would run the whole check")
+    result = run("bash", "benchmarks/gpu_check.sh", timeout=60)
+    assert result.returncode == 1
+    assert "gpu_check: FAILED: nvidia-smi not found" in result.stderr
