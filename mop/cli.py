@@ -383,6 +383,16 @@ def cmd_track(args: argparse.Namespace) -> None:
     print(f"{uri}: {counts}")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from mop.estimate import plan, render
+
+    est, card, mfu, source = plan(args.estimate, args.workdir, args.gpu, args.mfu, args.benchmark)
+    if args.json:
+        print(json.dumps(est.as_dict(card, mfu) | {"mfu_source": source}, indent=2))
+    else:
+        print(render(est, card, mfu, source))
+
+
 def cmd_ui(args: argparse.Namespace) -> None:
     from mop.tracking import default_tracking_uri
 
@@ -593,6 +603,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results")
     p.add_argument("--uri")
     p.set_defaults(func=cmd_track)
+
+    p = sub.add_parser(
+        "plan", help="jobs per stage and the GPU-hours a config needs, before anything runs"
+    )
+    p.add_argument("--estimate", required=True, metavar="CONFIG", help="a workflow config")
+    p.add_argument("--workdir", default=".", help="where the workflow would run")
+    p.add_argument("--gpu", default="a100", help="card: h100, h200, a100, l40s, a10, l4, ...")
+    p.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume (0-1)")
+    p.add_argument(
+        "--benchmark", help="output of benchmarks/finetune_throughput.py --gpu (its mfu)"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the local store")
     p.add_argument("--results", default="results")

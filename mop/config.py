@@ -7,7 +7,9 @@ that names used across sections exist, that K does not exceed a KG's entity coun
 the KG is built or cheap to build: a KG's source files are not required, so a dry run can
 show the DAG before a UMLS release is in place), and that every downstream task to run has
 its data files (a missing dataset names where it comes from and its licence).
-Both run in the Snakefile before the DAG is built, and in `mop check-config`.
+Both run in the Snakefile before the DAG is built, and in `mop check-config`. Missing
+input data (KG source files, task datasets) stops a real run before any job; a dry run
+(`snakemake -n`, `mop plan`) lists it as warnings and shows the whole DAG anyway.
 """
 
 from __future__ import annotations
@@ -100,11 +102,11 @@ def task_run_dir(config: dict[str, Any], task: str, seed: int | str) -> str:
     return f"{root}/fold{seed}" if get_task(task).folds else root
 
 
-def check_tasks(config: dict[str, Any]) -> None:
+def check_tasks(config: dict[str, Any]) -> list[str]:
     """Every task to fine-tune has settings, its data files, and seeds that fit its folds.
 
-    All missing datasets are reported at once (one line each), so a user setting up the
-    paper's grid learns in one go what to fetch and under which licence.
+    Returns the missing datasets (one line each, where each comes from and its licence),
+    so a user setting up the paper's grid learns in one go what to fetch.
     """
     from mop.tasks import DATA_TASKS, check_data, get_task
 
@@ -130,8 +132,7 @@ def check_tasks(config: dict[str, Any]) -> None:
                 f"config key tasks.{task}.finetune.seeds: {bad} - the run with seed i trains "
                 f"on fold i, so seeds must be 0..{folds - 1}"
             )
-    if missing:
-        raise MopError("\n".join(missing))
+    return missing
 
 
 def check_analysis(config: dict[str, Any]) -> None:
@@ -163,8 +164,12 @@ def check_analysis(config: dict[str, Any]) -> None:
             )
 
 
-def preflight(config: dict[str, Any]) -> None:
-    """Checks that need more than the schema; raise MopError on the first problem."""
+def preflight(config: dict[str, Any], missing_ok: bool = False) -> list[str]:
+    """Checks that need more than the schema; raise MopError on the first problem.
+
+    Missing input data (KG source files, task datasets) is collected: with `missing_ok`
+    (a dry run, an estimate) it is returned as warnings, else it stops with all of it.
+    """
     from mop.models import resolve_model
     from mop.partition import scheme_name
 
@@ -172,12 +177,13 @@ def preflight(config: dict[str, Any]) -> None:
         safe_name(alias, f"models.{alias}")
     for alias in config["base_models"]:
         resolve_model(alias, config["models"])
+    missing = []
     for name, kg_cfg in config["kgs"].items():
         safe_name(name, f"kgs.{name}")
         for key in ("path", "entities", "relations"):
             value = kg_cfg.get(key)
             if isinstance(value, str) and not Path(value).exists():
-                raise MopError(f"config key kgs.{name}.{key}: {value} does not exist")
+                missing.append(f"config key kgs.{name}.{key}: {value} does not exist")
     ft = config["finetune"]
     for name in ft.get("kgs") or []:
         if name not in config["kgs"]:
@@ -205,7 +211,9 @@ def preflight(config: dict[str, Any]) -> None:
         if probe["kg"] not in config["kgs"]:
             raise MopError(f"config key tasks.probe.kg: unknown KG {probe['kg']!r}")
         ks.add(probe["k"])
-    check_tasks(config)
+    missing += check_tasks(config)
+    if missing and not missing_ok:
+        raise MopError("\n".join(missing))
     check_analysis(config)
     results = Path(config["results"])
     for name, kg_cfg in config["kgs"].items():
@@ -215,3 +223,4 @@ def preflight(config: dict[str, Any]) -> None:
                 f"config key partition.k: K = {max(ks)} is larger than the {n} entities "
                 f"of KG {name!r}"
             )
+    return missing

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import REPO
@@ -16,7 +17,7 @@ FIXTURES = REPO / "tests" / "fixtures" / "tasks"
 PAPER = REPO / "config" / "paper.yaml"
 
 
-def dry_run(workdir: Path) -> subprocess.CompletedProcess:
+def dry_run(workdir: Path, dry: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     return subprocess.run(
@@ -24,7 +25,7 @@ def dry_run(workdir: Path) -> subprocess.CompletedProcess:
             sys.executable,
             "-m",
             "snakemake",
-            "-n",
+            *(["-n"] if dry else []),
             "-p",
             "-s",
             str(REPO / "workflow" / "Snakefile"),
@@ -111,11 +112,61 @@ def test_dry_run_lists_the_papers_jobs(tmp_path):
     assert all(" --task-dir results/tasks/hoc " in c for c in hoc)
 
 
-def test_missing_dataset_stops_before_any_job(tmp_path):
+def test_missing_dataset_stops_a_real_run_before_any_job(tmp_path):
     (tmp_path / "data" / "umls" / "2020AB" / "META").mkdir(parents=True)
-    result = dry_run(tmp_path)
+    result = dry_run(tmp_path, dry=False)
     assert result.returncode != 0
     err = result.stderr + result.stdout
     assert "config key tasks.hoc.path: data/tasks/hoc/train.tsv not found" in err
     assert "PhysioNet" in err and "BLURB" in err
     assert not (tmp_path / "results").exists()
+
+
+def test_a_dry_run_needs_no_data_and_lists_what_is_missing(tmp_path):
+    """A fresh clone: no UMLS release, no dataset. The dry run shows the whole DAG and
+    warns about every missing input."""
+    result = dry_run(tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = collections.Counter(re.findall(r"^rule (\w+):", result.stdout, flags=re.M))
+    assert sum(jobs.values()) == 540
+    warnings = [x for x in result.stderr.splitlines() if x.startswith("mop: warning")]
+    assert len(warnings) == 2 + 6  # two KG release folders, six datasets
+    assert any("kgs.sfull.path: data/umls/2020AB/META does not exist" in w for w in warnings)
+    assert any("tasks.mednli.path" in w and "PhysioNet" in w for w in warnings)
+    assert not (tmp_path / "results").exists()
+
+
+def test_plan_estimates_jobs_and_gpu_hours_without_the_data(tmp_path):
+    import json
+
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "mop"),
+            "plan",
+            "--estimate",
+            str(PAPER),
+            "--workdir",
+            str(tmp_path),
+            "--gpu",
+            "h100",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = json.loads(result.stdout)
+    assert plan["total_jobs"] == 540 and plan["jobs"]["finetune_mop"] == 246
+    assert plan["card"] == "h100" and plan["mfu"] == 0.3
+    hours = plan["gpu_hours"]
+    assert set(hours) == {"pretrain", "finetune_base", "finetune_mop"}
+    # MoP runs carry 20 adapters and a fusion per layer: dearer than the base model's
+    assert hours["finetune_mop"] > 2 * hours["finetune_base"] > 0 and hours["pretrain"] > 0
+    assert plan["total_gpu_hours"] == pytest.approx(sum(hours.values()), abs=0.05)
+    assert any("kgs.sfull.path" in w for w in plan["warnings"])
+    assert any("paper Table 2" in a for a in plan["assumptions"])
+    # the same grid on a slower card costs more hours, in proportion to the peaks
+    slower = subprocess.run([*result.args[:-2], "a100", "--json"], capture_output=True, text=True)
+    ratio = json.loads(slower.stdout)["total_gpu_hours"] / plan["total_gpu_hours"]
+    assert ratio == pytest.approx(989 / 312, rel=0.01)

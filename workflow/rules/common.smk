@@ -1,6 +1,7 @@
 # Config validation (before any job starts) and the small wildcard -> path helpers.
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,10 +29,14 @@ if (
         "--replace-workflow-config so that config/config.yaml is not merged into it"
     )
 
+# A dry run shows the DAG without the data (missing inputs become warnings); a real run
+# stops before any job when input data is missing.
+DRY_RUN = workflow.output_settings.dryrun
 try:
     validate_config(config)
     if workflow.is_main_process:
-        preflight(config)
+        for warning in preflight(config, missing_ok=DRY_RUN):
+            print(f"mop: warning (a real run stops here): {warning}", file=sys.stderr)
 except MopError as exc:
     raise WorkflowError(f"mop: {exc}") from None
 
@@ -135,8 +140,9 @@ def task_options(task):
 
 
 def task_files(task):
-    """The official data files a task's prepare step reads."""
-    return [str(p) for p in data_files(task, task_data_options(config, task))]
+    """The official data files a task's prepare step reads (those present, in a dry run)."""
+    files = data_files(task, task_data_options(config, task))
+    return [str(p) for p in files if not DRY_RUN or p.is_file()]
 
 
 def task_dir(task, seed):
