@@ -193,32 +193,31 @@ def warm_up(model: torch.nn.Module, pad_id: int) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def run_ours(
-    spec, split: EncodedSplit, cfg: FinetuneConfig, rt: Runtime, pad_id: int
-) -> tuple[float, float, dict]:
-    """(examples/s, mean loss, the initial weights) of the mop fine-tuning step."""
-    torch.manual_seed(cfg.seed)
-    model, _ = build_classifier(spec, SPEC, "base", [], cfg)
-    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    forward = rt.prepare(model)
-    model.train()
-    batches = bucketed_batches(split.lengths, cfg.batch_size, cfg.seed, 0)
-    opt = rt.optimizer(_param_groups(model, cfg))
-    sched = schedule(opt, cfg, len(batches))
+class Ours:
+    """The mop fine-tuning step, one batch at a time."""
 
-    def loss_of(micro: np.ndarray) -> torch.Tensor:
-        with rt.autocast():
-            logits, _ = forward(**_inputs(split, micro, pad_id, rt))
-        return task_loss(SPEC, logits, rt.to_device(torch.from_numpy(split.labels[micro])))
+    def __init__(self, spec, split: EncodedSplit, cfg: FinetuneConfig, rt: Runtime, pad_id: int):
+        torch.manual_seed(cfg.seed)
+        model, _ = build_classifier(spec, SPEC, "base", [], cfg)
+        self.initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.attention = model.encoder.config._attn_implementation
+        forward = rt.prepare(model)
+        model.train()
+        self.batches = bucketed_batches(split.lengths, cfg.batch_size, cfg.seed, 0)
+        opt = rt.optimizer(_param_groups(model, cfg))
+        sched = schedule(opt, cfg, len(self.batches))
 
-    warm_up(model, pad_id)
-    losses = []
-    start = time.perf_counter()
-    for batch in batches:
-        losses.append(accumulate(batch, cfg.grad_accum, loss_of))
-        optimizer_step(model, opt, sched, cfg.max_grad_norm)
-    seconds = time.perf_counter() - start
-    return len(split) / seconds, float(torch.stack(losses).mean()), initial
+        def loss_of(micro: np.ndarray) -> torch.Tensor:
+            with rt.autocast():
+                logits, _ = forward(**_inputs(split, micro, pad_id, rt))
+            return task_loss(SPEC, logits, rt.to_device(torch.from_numpy(split.labels[micro])))
+
+        def step(k: int) -> torch.Tensor:
+            loss = accumulate(self.batches[k], cfg.grad_accum, loss_of)
+            optimizer_step(model, opt, sched, cfg.max_grad_norm)
+            return loss
+
+        self.model, self.step = model, step
 
 
 class OnTheFly(torch.utils.data.Dataset):
@@ -250,39 +249,57 @@ class OnTheFly(torch.utils.data.Dataset):
         }
 
 
-def run_baseline(
-    spec, frame: pl.DataFrame, cfg: FinetuneConfig, initial: dict, attention: str, pad_id: int
-) -> tuple[float, float]:
-    """(examples/s, mean loss) of the original recipe, from the same initial weights."""
-    tok = load_tokenizer(spec)
-    encoder = AutoModel.from_pretrained(
-        spec.location, local_files_only=True, attn_implementation=attention
-    )
-    model = Classifier(encoder, SPEC.head_size, cfg.dropout, cfg.pooling)
-    model.load_state_dict(initial)
-    model.train()
-    loader = torch.utils.data.DataLoader(
-        OnTheFly(tok, frame, cfg.max_length),
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    opt = torch.optim.AdamW(_param_groups(model, cfg))
-    sched = schedule(opt, cfg, len(loader))
-    warm_up(model, pad_id)
-    losses = []
-    start = time.perf_counter()
-    for batch in loader:
-        labels = batch.pop("label")
-        logits, _ = model(**batch)
-        loss = torch.nn.functional.cross_entropy(logits, labels)
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-    seconds = time.perf_counter() - start
-    return frame.height / seconds, float(torch.stack(losses).mean())
+class Baseline:
+    """The original recipe's step (fetch = tokenize + collate, forward, backward, AdamW,
+    schedule), from the given initial weights, with the given attention implementation."""
+
+    def __init__(self, spec, frame: pl.DataFrame, cfg: FinetuneConfig, initial: dict, attention):
+        encoder = AutoModel.from_pretrained(
+            spec.location, local_files_only=True, attn_implementation=attention
+        )
+        model = Classifier(encoder, SPEC.head_size, cfg.dropout, cfg.pooling)
+        model.load_state_dict(initial)
+        model.train()
+        self.attention = model.encoder.config._attn_implementation
+        loader = torch.utils.data.DataLoader(
+            OnTheFly(load_tokenizer(spec), frame, cfg.max_length),
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        opt = torch.optim.AdamW(_param_groups(model, cfg))
+        sched = schedule(opt, cfg, len(loader))
+        batches = iter(loader)
+
+        def step(k: int) -> torch.Tensor:
+            batch = next(batches)
+            labels = batch.pop("label")
+            logits, _ = model(**batch)
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        self.model, self.step = model, step
+
+
+def interleaved(sides: dict[str, Any], steps: int, pad_id: int) -> dict[str, dict[str, float]]:
+    """Run the sides' steps round-robin (the order rotating every round), so that whatever
+    else the machine does at a moment slows every side alike; seconds and mean loss each."""
+    for side in sides.values():
+        warm_up(side.model, pad_id)
+    names = list(sides)
+    seconds = dict.fromkeys(names, 0.0)
+    losses: dict[str, list[float]] = {name: [] for name in names}
+    for k in range(steps):
+        for name in names[k % len(names) :] + names[: k % len(names)]:
+            tick = time.perf_counter()
+            loss = sides[name].step(k)
+            seconds[name] += time.perf_counter() - tick
+            losses[name].append(float(loss))
+    return {n: {"seconds": seconds[n], "loss": float(np.mean(losses[n]))} for n in names}
 
 
 def same_tokens(split: EncodedSplit, frame: pl.DataFrame, tok: Any, max_length: int) -> None:
@@ -316,10 +333,16 @@ def cpu_section(args: argparse.Namespace) -> dict[str, Any]:
     tokenize_s = time.perf_counter() - tick
     same_tokens(split, frame, tok, cfg.max_length)
     lengths = split.seqs.lengths
-    ours, ours_loss, initial = run_ours(spec, split, cfg, rt, pad_id)
-    eager, eager_loss = run_baseline(spec, frame, cfg, initial, "eager", pad_id)
-    sdpa, sdpa_loss = run_baseline(spec, frame, cfg, initial, "sdpa", pad_id)
-    steps = -(-len(split) // cfg.batch_size)
+    load = os.getloadavg()[0]
+    ours = Ours(spec, split, cfg, rt, pad_id)
+    sides = {
+        "ours": ours,
+        "baseline": Baseline(spec, frame, cfg, ours.initial, "eager"),
+        "baseline_sdpa": Baseline(spec, frame, cfg, ours.initial, "sdpa"),
+    }
+    steps = len(ours.batches)
+    runs = interleaved(sides, steps, pad_id)
+    rate = {name: len(split) / run["seconds"] for name, run in runs.items()}
     return {
         "benchmark": "finetune_throughput",
         "model": "all-MiniLM-L6-v2",
@@ -341,29 +364,19 @@ def cpu_section(args: argparse.Namespace) -> dict[str, Any]:
         "truncated_share": round(float((lengths >= cfg.max_length).mean()), 3),
         "padded_tokens_baseline": cfg.max_length,
         "ours_tokens_per_batch": round(
-            float(
-                np.mean(
-                    [
-                        lengths[b].max() * b.size
-                        for b in bucketed_batches(split.lengths, cfg.batch_size, cfg.seed, 0)
-                    ]
-                )
-            ),
-            1,
+            float(np.mean([lengths[i].max() * i.size for i in ours.batches])), 1
         ),
-        "ours_attention": "sdpa",
-        "baseline_attention": "eager",
-        "ours_examples_per_s": round(ours, 2),
-        "baseline_examples_per_s": round(eager, 2),
-        "baseline_sdpa_examples_per_s": round(sdpa, 2),
-        "ratio": round(ours / eager, 2),
-        "ratio_same_attention": round(ours / sdpa, 2),
+        "ours_attention": sides["ours"].attention,
+        "baseline_attention": sides["baseline"].attention,
+        "ours_examples_per_s": round(rate["ours"], 2),
+        "baseline_examples_per_s": round(rate["baseline"], 2),
+        "baseline_sdpa_examples_per_s": round(rate["baseline_sdpa"], 2),
+        "ratio": round(rate["ours"] / rate["baseline"], 2),
+        "ratio_same_attention": round(rate["ours"] / rate["baseline_sdpa"], 2),
         "ours_tokenize_s": round(tokenize_s, 2),
-        "mean_loss": {
-            "ours": round(ours_loss, 4),
-            "baseline": round(eager_loss, 4),
-            "baseline_sdpa": round(sdpa_loss, 4),
-        },
+        "mean_loss": {name: round(run["loss"], 4) for name, run in runs.items()},
+        "timing": "the three sides' steps interleaved round-robin, order rotating",
+        "load_avg_1m": [round(load, 2), round(os.getloadavg()[0], 2)],
         "device": "cpu",
         "machine": machine(),
     }

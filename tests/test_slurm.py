@@ -177,3 +177,69 @@ def test_scancelled_pretraining_resumes_to_the_uninterrupted_result(
     b = load_file(killed / "adapter" / "adapter.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_requeued_fine_tuning_resumes_from_its_checkpoint(
+    cluster, small_kg, small_partition, tiny_adapters, models, tmp_path, monkeypatch
+):
+    """`--requeue` (the profile's `slurm-requeue: true`): SLURM stops the job (SIGTERM, so
+    it checkpoints), puts it back in the queue and starts the same command again, which
+    resumes and ends with the uninterrupted run's outputs."""
+    from mop.tasks.probe import prepare
+    from tests.test_finetune import _finetune_cmd, _same_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    task = tmp_path / "probe"
+    prepare(small_kg, small_partition, task, max_questions={"train": 96, "dev": 40, "test": 40})
+    options = {"epochs": 6, "batch_size": 2, "checkpoint_every": 20}
+    full, requeued = tmp_path / "full", tmp_path / "requeued"
+    subprocess.run(
+        _finetune_cmd(task, tiny_adapters, full, models, **options), check=True, capture_output=True
+    )
+    import shlex
+
+    log = tmp_path / "job.log"
+    wrapped = " ".join(
+        shlex.quote(c) for c in _finetune_cmd(task, tiny_adapters, requeued, models, **options)
+    )
+    job = (
+        subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                "--requeue",
+                "--open-mode=append",
+                "-o",
+                str(log),
+                "-c",
+                "1",
+                "--mem",
+                "2000",
+                "--wrap",
+                wrapped,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .split(";")[0]
+    )
+    deadline = time.time() + 240
+    while checkpoint_step(requeued / "checkpoint") is None and time.time() < deadline:
+        time.sleep(0.01)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    # SLURM holds a requeued job back for a while (BeginTime); let it start now.
+    while time.time() < deadline:
+        state = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True
+        ).stdout.strip()
+        if state == "PENDING":
+            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
+            break
+        time.sleep(0.2)
+    _wait_gone(job)
+    text = log.read_text()
+    assert "DUE TO JOB REQUEUE" in text and "stopped by SIGTERM" in text, text[-3000:]
+    assert "resuming from step" in text, text[-3000:]
+    _same_run(full, requeued)
