@@ -23,10 +23,18 @@ fp32 with the same number of threads; PubMedQA's settings of config/paper.yaml
   backward, AdamW step, schedule step; no bucketing.
 
 The original code ran transformers 3.5, which had only eager attention. The baseline is
-timed twice: with attn_implementation="eager" (the original's attention; `ratio` =
-ours / that, `baseline_attention` says which) and with SDPA, the attention ours uses
+run twice: with attn_implementation="eager" (the original's attention; `ratio` = ours /
+that, `baseline_attention` says which) and with SDPA, the attention ours uses
 (`ratio_same_attention`), so each lever shows: the second ratio is what the mop data path
-(pre-tokenized, bucketed, no padding to 512) gives alone, the first adds the kernel.
+(pre-tokenized, bucketed, no padding to 512) gives alone, the first adds the kernel. (On
+the CPU, in training, SDPA with attention dropout runs PyTorch's math fallback, so the two
+baselines differ little there.)
+
+The three sides are built first, then their steps run interleaved, round-robin, in an
+order that rotates every round; each side's rate is its examples over the sum of its own
+steps' times (a baseline step includes fetching its batch: tokenizing and collating). On
+a shared machine whatever else runs slows all three alike; the 1-minute load average at
+the start and the end is in the JSON.
 
 Inputs are PubMedQA-shaped. The fixture tests/fixtures/tasks/pubmedqa/ori_pqal.json has
 the real schema but short synthetic texts (about 51 MiniLM tokens per example), while

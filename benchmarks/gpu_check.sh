@@ -62,24 +62,25 @@ import sys
 from pathlib import Path
 
 results = Path(sys.argv[1])
-checked = {"finetune": 0, "pretrain": 0}
-bad = []
-for stage in checked:
-    for path in sorted((results / stage).glob("**/metrics.json")):
+folders = {"finetune": "finetune", "pretrain": "adapters"}  # results/<folder>/**/metrics.json
+checked = dict.fromkeys(folders, 0)
+bad, seen = [], []
+for stage, folder in folders.items():
+    for path in sorted((results / folder).glob("**/metrics.json")):
         runtime = json.loads(path.read_text()).get("runtime")
         if runtime is None:
             continue  # a job that trains nothing
         checked[stage] += 1
+        seen.append((path, runtime))
         if not str(runtime.get("device", "")).startswith("cuda"):
             bad.append(f"{path}: runtime {runtime}")
-if checked["finetune"] == 0:
-    print(f"no fine-tuning metrics.json with a runtime under {results}")
+if checked["finetune"] == 0 or checked["pretrain"] == 0:
+    print(f"no fine-tuning or no pretraining metrics.json with a runtime under {results}")
     sys.exit(1)
 if bad:
     print("not on cuda:\n  " + "\n  ".join(bad))
     sys.exit(1)
-example = next((results / "finetune").glob("**/metrics.json"))
-runtime = json.loads(example.read_text())["runtime"]
+example, runtime = seen[0]
 print(
     f"ok: {checked['finetune']} fine-tuning and {checked['pretrain']} pretraining runs on cuda "
     f"(e.g. {example.relative_to(results)}: {json.dumps(runtime)})"

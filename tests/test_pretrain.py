@@ -241,3 +241,23 @@ def test_heldout_share_is_probed_separately(
     assert m["train_examples"] == int((~data.heldout).sum())
     card = __import__("json").loads((tmp_path / "card.json").read_text())
     assert len(card["data_hash"]) == 16 and card["entities"] == data.num_entities
+
+
+@pytest.mark.slow
+def test_compiled_training_runs_on_the_cpu(
+    small_kg, small_partition, small_tokens, tiny_spec, tmp_path
+):
+    """`runtime.compile`: the training forward through torch.compile (inductor on the CPU;
+    a minute or more to compile). Its dropout draws from another generator, so the check
+    is that it trains, not that it matches the eager run bit for bit."""
+    from mop.training import Runtime
+
+    data = load_partition_data(small_tokens, small_partition, small_kg, 0)
+    cfg = PretrainConfig(epochs=1, lr=1e-3, batch_size=32, max_steps=4, log_every=1)
+    m = pretrain_partition(
+        tiny_spec, data, cfg, tmp_path, runtime=Runtime.create("cpu", "fp32", 2, compile=True)
+    )
+    assert m["runtime"]["compile"] is True and m["steps"] == 4
+    losses = [p["loss"] for p in m["loss_curve"]]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert (tmp_path / "adapter" / "adapter.safetensors").is_file()

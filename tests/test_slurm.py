@@ -57,6 +57,7 @@ def test_workflow_through_sbatch_equals_a_local_run(cluster, finished_run, tmp_p
             "tokenize",
             "pretrain",
             "task_probe",
+            "encode",
             "finetune_base",
             "finetune_mop",
             "table_main",
