@@ -171,7 +171,7 @@ def preflight(config: dict[str, Any], missing_ok: bool = False) -> list[str]:
     (a dry run, an estimate) it is returned as warnings, else it stops with all of it.
     """
     from mop.models import resolve_model
-    from mop.partition import scheme_name
+    from mop.plan import SCHEME, scheme_name
 
     for alias in config["models"]:
         safe_name(alias, f"models.{alias}")
@@ -189,7 +189,7 @@ def preflight(config: dict[str, Any], missing_ok: bool = False) -> list[str]:
         if name not in config["kgs"]:
             raise MopError(f"config key finetune.kgs: unknown KG {name!r}")
     for rate in config["partition"]["shuffle"]:
-        if not re.fullmatch(r"metis|shuffle[0-9.]+", scheme_name(rate)):
+        if not re.fullmatch(SCHEME, scheme_name(rate)):
             raise MopError(
                 f"config key partition.shuffle: rate {rate} is too small to name a scheme "
                 "folder (use 0 or at least 0.0001)"

@@ -99,21 +99,6 @@ def shuffle_membership(membership: np.ndarray, rate: float, seed: int) -> np.nda
     return out
 
 
-def scheme_name(rate: float) -> str:
-    """The partition scheme's folder and wildcard name: `metis`, or `shuffle<rate>`.
-
-    The rate is written as Python's shortest round-trip repr (0.1 -> shuffle0.1, 1 ->
-    shuffle1.0), so the name parses back to exactly the configured rate.
-    """
-    rate = float(rate)
-    return "metis" if rate == 0 else f"shuffle{rate!r}"
-
-
-def scheme_rate(scheme: str) -> float:
-    """The shuffle rate of a scheme name (the inverse of `scheme_name`)."""
-    return 0.0 if scheme == "metis" else float(scheme.removeprefix("shuffle"))
-
-
 def edge_cut(adj: sp.csr_array, membership: np.ndarray) -> tuple[int, np.ndarray]:
     """Undirected entity pairs cut by the partition, and which entities have a neighbour
     in their own partition.

@@ -145,6 +145,15 @@ class Run:
         _, kind, m = min(found, key=lambda x: x[0])
         return cls(kind, **{k: int(v) if k in _INTS else v for k, v in m.groupdict().items()})
 
+    @staticmethod
+    def root(path: str | Path) -> str:
+        """The results root a run folder lies in (`results` for `results/kg/x`)."""
+        text = str(path).rstrip("/")
+        found = [m.start() for p in _PARSERS.values() if (m := p.search(text))]
+        if not found:
+            raise MopError(f"{path}: not a folder of the results layout (see mop.plan.LAYOUTS)")
+        return text[: min(found)] or "."
+
     def tags(self) -> dict[str, str]:
         """MLflow tags: the stage, the method and every field that is set."""
         out = {"stage": self.stage}
@@ -172,16 +181,20 @@ def log_pattern(kind: str, results: str = "results") -> str:
 
 
 def scheme_name(rate: float) -> str:
-    """`metis` for rate 0, else `shuffle<rate>` (e.g. shuffle0.2)."""
-    return "metis" if rate == 0 else f"shuffle{rate:g}"
+    """The partition scheme's folder and wildcard name: `metis`, or `shuffle<rate>`.
+
+    The rate is written as Python's shortest round-trip repr (0.1 -> shuffle0.1, 1 ->
+    shuffle1.0), so the name parses back to exactly the configured rate.
+    """
+    rate = float(rate)
+    return "metis" if rate == 0 else f"shuffle{rate!r}"
 
 
 def scheme_rate(scheme: str) -> float:
-    if scheme == "metis":
-        return 0.0
-    if not re.fullmatch(r"shuffle[0-9.]+", scheme):
+    """The shuffle rate of a scheme name (the inverse of `scheme_name`)."""
+    if not re.fullmatch(SCHEME, scheme):
         raise MopError(f"partition scheme {scheme!r} is not metis or shuffle<rate>")
-    return float(scheme.removeprefix("shuffle"))
+    return 0.0 if scheme == "metis" else float(scheme.removeprefix("shuffle"))
 
 
 def mixture_of(name: str) -> str:
@@ -477,41 +490,11 @@ class Plan:
         runs = self.mop_runs()
         return [self.path(runs[0], "mixture.parquet")] if runs else []
 
-    def tables(self) -> list[str]:
-        """The tables and figures the config has data for (files under `results/`)."""
-        out = ["tables/table2_kgs.md"]
-        ft, an = self.ft, self.an
-        if ft["tasks"]:
-            out.append("tables/main.md")
-            if "mop" in ft["methods"]:
-                out += ["figures/figure2_adapters.png", "figures/figure4_mixture.png"]
-                if len(ft["mixtures"]) > 1:
-                    out.append("tables/table6_mixtures.md")
-                if ft["partition_experiments"]:
-                    out.append("tables/table4_partitions.md")
-                    if len(self.schemes()) > 1:
-                        out.append("figures/figure3_shuffle.png")
-            elif an["single_adapters"]:
-                out.append("figures/figure2_adapters.png")
-        if len(self.schemes()) > 1:
-            out.append("tables/table3_shuffle.md")
-        if any(run.kind == "zeroshot" for run in self.probe_control_runs()):
-            out.append("tables/probe_baselines.md")
-        if an["single_adapters"]:
-            out.append("tables/single_adapters.md")
-        if an["subsets"]:
-            out += [f"tables/subsets_{task}.md" for task in self.analysis_tasks()]
-        if self.topics():
-            out += [self.path(run, "wordclouds.png") for run in self.topics()]
-            if "mop" in ft["methods"]:
-                out.append("figures/figure4_topics.png")
-        return [p if p.startswith(f"{self.results}/") else f"{self.results}/{p}" for p in out]
-
     def final_outputs(self) -> list[str]:
+        """Every run and partition the config asks for (the tables come from the report
+        registry, mop.report.registry)."""
         runs = self.finetune_runs() + self.partition_experiment_runs()
         return [
-            *self.tables(),
-            f"{self.results}/report/run.json",
             *self.metrics(runs),
             *[self.path(p, "stats.json") for p in self.partitions()],
         ]

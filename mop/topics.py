@@ -13,7 +13,6 @@ each partition's vector scaled to unit length, so scores compare within a partit
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,23 +110,6 @@ def group_frequencies(terms: pl.DataFrame, groups: pl.DataFrame) -> dict[int, di
     return out
 
 
-def wordcloud_image(
-    frequencies: Mapping[str, float], seed: int = 0, width: int = 480, height: int = 280
-) -> np.ndarray:
-    """An RGB word cloud (the `wordcloud` package), laid out with a fixed seed."""
-    from wordcloud import WordCloud
-
-    cloud = WordCloud(
-        width=width,
-        height=height,
-        background_color="white",
-        colormap="viridis",
-        max_words=40,
-        random_state=seed,
-    )
-    return cloud.generate_from_frequencies(dict(frequencies)).to_array()
-
-
 def run_topics(
     kg_dir: str | Path,
     partition_dir: str | Path,
@@ -137,10 +119,8 @@ def run_topics(
     terms: int = 20,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Write terms.csv (partition, term, score), groups.csv (partition, group, entities)
-    and the per-group word clouds (wordclouds.png / .pdf)."""
-    from mop.report import figure_topics
-
+    """Write terms.csv (partition, term, score) and groups.csv (partition, group,
+    entities); the report draws them (word clouds, Figure 4's top)."""
     docs = partition_documents(kg_dir, partition_dir)
     matrix, vocabulary = tfidf(docs["document"].to_list())
     table = top_terms(matrix, vocabulary, terms)
@@ -151,7 +131,6 @@ def run_topics(
         table.write_csv(tmp)
     with atomic_path(out / "groups.csv") as tmp:
         grouped.write_csv(tmp)
-    figure_topics(out / "terms.csv", out / "groups.csv", out / "wordclouds", seed=seed)
     return {
         "partitions": docs.height,
         "groups": int(labels.max()) + 1,

@@ -32,6 +32,7 @@ RUN_FILE = "run.json"
 KEY_TAG = "mop.run_key"
 INVOCATION_TAG = "mop.invocation"
 INVOCATION_ENV = "MOP_INVOCATION"
+EXPERIMENT_ENV = "MOP_EXPERIMENT"
 PARENT_TAG = "mop.parent_of"
 HASH_TAG = "mop.record_hash"
 TAG_NAMES = (
@@ -99,6 +100,28 @@ class Tracker:
             "artifacts": [],
             "start_ms": int(time.time() * 1000),
         }
+
+    @classmethod
+    def for_run(
+        cls,
+        out_dir: str | Path,
+        params: Mapping[str, Any],
+        experiment: str | None = None,
+        **tags: Any,
+    ) -> Tracker:
+        """The tracker of a run folder: name, tags and results root read from its path
+        (mop.plan's grammar); the experiment from `MOP_EXPERIMENT` unless given."""
+        from mop.plan import Run
+
+        run = Run.parse(out_dir)
+        return cls(
+            out_dir,
+            experiment=experiment or os.environ.get(EXPERIMENT_ENV) or "mop",
+            run_name=run.name(),
+            tags=run.tags() | tags,
+            params=params,
+            results_dir=Run.root(out_dir),
+        )
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)

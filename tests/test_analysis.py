@@ -16,7 +16,10 @@ from mop.config import check_analysis, validate_config
 from mop.errors import MopError
 from mop.finetune import FinetuneConfig, build_classifier
 from mop.io import read_json, write_json, write_parquet
-from mop.report import figure_topics, load_runs, table_single_adapters, table_subsets
+from mop.plan import Run
+from mop.report import load_runs
+from mop.report.figures import figure_topics
+from mop.report.tables import table_single_adapters, table_subsets
 from mop.subsets import adapter_paths, rank_partitions, select, select_subsets
 from mop.tasks import get_task
 from mop.topics import group_partitions, partition_documents, run_topics, tfidf, top_terms
@@ -33,10 +36,10 @@ SCORES = {
 }
 
 
-def _run(root, folder, dev, test, train=0.9, **tags):
-    out = root / folder
-    tags = {"task": "probe", "model": "m", "kg": "g", "k": "5", "scheme": "metis", **tags}
-    write_json({"tags": {k: str(v) for k, v in tags.items()}}, out / "run.json")
+def _run(root, kind, dev, test, train=0.9, **fields):
+    """A finished run's metrics in its folder of the results layout (its identity)."""
+    where = {} if kind == "base" else {"kg": "g", "k": 5, "scheme": "metis"}
+    out = root / Run(kind, task="probe", model="m", **where, **fields).folder("results")
     write_json(
         {
             "main_metric": "accuracy",
@@ -52,7 +55,7 @@ def _run(root, folder, dev, test, train=0.9, **tags):
 @pytest.fixture
 def single_files(tmp_path):
     return [
-        _run(tmp_path, f"adapter/p{p}/seed{s}", dev, test, method="adapter", partition=p, seed=s)
+        _run(tmp_path, "single", dev, test, part=p, seed=s)
         for p, runs in SCORES.items()
         for s, (dev, test) in enumerate(runs)
     ]
@@ -94,10 +97,7 @@ def test_top_bottom_and_list_subsets(single_files):
 
 
 def test_full_tie_keeps_top_and_bottom_apart(tmp_path):
-    files = [
-        _run(tmp_path, f"p{p}", 0.5, 0.5, method="adapter", partition=p, seed=0)
-        for p in (3, 1, 0, 2)
-    ]
+    files = [_run(tmp_path, "single", 0.5, 0.5, part=p, seed=0) for p in (3, 1, 0, 2)]
     ranking = rank_partitions(load_runs(files), 4)
     assert ranking["partition"].to_list() == [0, 1, 2, 3]
     assert select(ranking, {"top": 2}, 4) == [0, 1]
@@ -131,14 +131,16 @@ def test_ranking_needs_every_partition(single_files):
 
 
 def test_select_subsets_command_writes_the_selection(single_files, tmp_path):
-    out = tmp_path / "sel" / "subsets.json"
-    args = ["select-subsets", "--runs", *map(str, single_files), "--k", "5", "--out", str(out)]
+    out = tmp_path / Run("selection", task="probe", model="m", kg="g", k=5, scheme="metis").file(
+        "subsets.json"
+    )
+    args = ["select-subsets", "--runs", *map(str, single_files), "--out", str(out)]
     assert main([*args, "--subsets", '{"top2": {"top": 2}, "bottom2": {"bottom": 2}}']) == 0
     sel = read_json(out)
     assert sel["subsets"]["top2"]["partitions"] == [1, 3]
     assert sel["subsets"]["bottom2"]["partitions"] == [2, 4]
     # a bad rule: one clear error, no file
-    bad = tmp_path / "bad.json"
+    bad = out.with_name("bad.json")
     args[-1] = str(bad)
     assert main([*args, "--subsets", '{"t": {"top": 9}}']) == 1
     assert not bad.exists()
@@ -251,9 +253,15 @@ def test_topics_files_and_figures_from_fixture_data(tmp_path):
     # the two kidney partitions share a group
     assert groups["group"].to_list() == [0, 1, 0, 2]
     assert groups["entities"].to_list() == [3, 3, 3, 3]
-    png = (tmp_path / "topics" / "wordclouds.png").read_bytes()
+    assert not (tmp_path / "topics" / "wordclouds.png").exists()  # the report draws them
+    clouds = figure_topics(
+        tmp_path / "topics" / "terms.csv",
+        tmp_path / "topics" / "groups.csv",
+        tmp_path / "topics" / "wordclouds",
+    )
+    png = clouds[0].read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
-    assert (tmp_path / "topics" / "wordclouds.pdf").read_bytes().startswith(b"%PDF")
+    assert clouds[1].read_bytes().startswith(b"%PDF")
     mix = tmp_path / "mixture.parquet"
     w = np.random.default_rng(0).dirichlet(np.ones(4), size=8).astype(np.float32)
     pl.DataFrame(
@@ -287,7 +295,7 @@ def test_topics_files_and_figures_from_fixture_data(tmp_path):
 
 def test_single_adapter_and_subset_tables(single_files, tmp_path):
     base = [
-        _run(tmp_path, f"base/seed{s}", d, t, method="base", seed=s, kg="", k="")
+        _run(tmp_path, "base", d, t, seed=s)
         for s, (d, t) in enumerate([(0.48, 0.50), (0.56, 0.52)])
     ]
     runs = load_runs(single_files + base)
@@ -308,17 +316,17 @@ def test_single_adapter_and_subset_tables(single_files, tmp_path):
         select_subsets(load_runs(single_files), {"top2": {"top": 2}, "bottom2": {"bottom": 2}}, 5),
         selection,
     )
-    mop = {"method": "mop", "mixture": "softmax"}
+    mop = {"mixture": "softmax"}
     subset_runs = (
         [
-            _run(tmp_path, f"top/s{s}", 0.8, t, train=0.95, subset="top2", seed=s, **mop)
+            _run(tmp_path, "subset", 0.8, t, train=0.95, subset="top2", seed=s, **mop)
             for s, t in enumerate([0.64, 0.66])
         ]
         + [
-            _run(tmp_path, f"bottom/s{s}", 0.6, t, subset="bottom2", seed=s, **mop)
+            _run(tmp_path, "subset", 0.6, t, subset="bottom2", seed=s, **mop)
             for s, t in enumerate([0.54, 0.56])
         ]
-        + [_run(tmp_path, f"all/s{s}", 0.8, 0.7, seed=s, **mop) for s in range(2)]
+        + [_run(tmp_path, "mop", 0.8, 0.7, seed=s, **mop) for s in range(2)]
     )
     table = table_subsets(load_runs(single_files + base + subset_runs), [selection])
     labels = [r[1] for r in table.rows]
@@ -381,7 +389,7 @@ def test_dry_run_expands_the_analysis_jobs(tmp_path):
     assert counts["select_subsets"] == 1
     assert counts["finetune_subset"] == 6
     assert counts["topics"] == 1
-    for rule in ("table_single_adapters", "table_subsets", "figure_topics"):
+    for rule in ("report_single_adapters", "report_subsets", "report_figure_topics"):
         assert counts[rule] == 1
     assert "results/topics/hpo-tiny/k2-metis/wordclouds.png" in result.stdout
     assert "results/tables/subsets_probe.md" in result.stdout

@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 import yaml
 
+from mop.plan import Run
 from tests.conftest import MODELS, REPO, corrupt_checkpoint
 
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -106,16 +107,21 @@ def _one_line_error(result: subprocess.CompletedProcess, *parts: str) -> str:
     return errors[0]
 
 
+def _where(tmp_path: Path, kind: str, **fields) -> Path:
+    """A run folder of the results layout (a command reads its identity from it)."""
+    return tmp_path / Run(kind, **fields).folder("results")
+
+
 def test_missing_kg_folder(tmp_path):
-    out = tmp_path / "part"
-    result = mop("partition", "--kg", str(tmp_path / "nope"), "--k", "2", "--out", str(out))
+    out = _where(tmp_path, "partition", kg="g", k=2, scheme="metis")
+    result = mop("partition", "--kg", str(tmp_path / "nope"), "--out", str(out))
     _one_line_error(result, str(tmp_path / "nope"), "file not found")
     assert not out.exists()
 
 
 def test_k_larger_than_a_built_kg(small_kg, tmp_path):
-    out = tmp_path / "part"
-    result = mop("partition", "--kg", str(small_kg), "--k", "100000", "--out", str(out))
+    out = _where(tmp_path, "partition", kg="g", k=100000, scheme="metis")
+    result = mop("partition", "--kg", str(small_kg), "--out", str(out))
     _one_line_error(result, "K = 100000 is not between 1 and the number of entities")
     assert not out.exists()
 
@@ -123,7 +129,7 @@ def test_k_larger_than_a_built_kg(small_kg, tmp_path):
 def test_corrupt_tokens_table(small_kg, small_partition, tmp_path):
     tokens = tmp_path / "tokens.parquet"
     tokens.write_bytes(b"PAR1 this is not parquet")
-    out = tmp_path / "p0"
+    out = _where(tmp_path, "adapter", kg="g", k=3, scheme="metis", model="tiny", part=0)
     result = mop(
         "pretrain",
         "--kg",
@@ -132,16 +138,10 @@ def test_corrupt_tokens_table(small_kg, small_partition, tmp_path):
         str(tokens),
         "--partition",
         str(small_partition),
-        "--part",
-        "0",
-        "--model",
-        "tiny",
         "--models",
         json.dumps(MODELS),
         "--out",
         str(out),
-        "--results",
-        str(tmp_path),
     )
     _one_line_error(result, str(tokens))
     assert not (out / "adapter").exists()
@@ -159,25 +159,18 @@ def test_membership_without_its_columns(small_kg, small_tokens, tmp_path):
         str(small_tokens),
         "--partition",
         str(part),
-        "--part",
-        "0",
-        "--model",
-        "tiny",
         "--models",
         json.dumps(MODELS),
         "--out",
-        str(tmp_path / "p0"),
-        "--results",
-        str(tmp_path),
+        str(_where(tmp_path, "adapter", kg="g", k=3, scheme="metis", model="tiny", part=0)),
     )
     _one_line_error(result, "membership.parquet", "partition")
 
 
 def test_unknown_probe_relation(small_kg, small_partition, tmp_path):
-    out = tmp_path / "probe"
+    out = _where(tmp_path, "task", task="probe")
     result = mop(
         "task",
-        "probe",
         "--kg",
         str(small_kg),
         "--partition",
@@ -210,14 +203,8 @@ def _task_dir(tmp_path: Path, labels: list[int]) -> Path:
 def _finetune(task_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return mop(
         "finetune",
-        "--task",
-        "probe",
         "--task-dir",
         str(task_dir),
-        "--method",
-        "base",
-        "--model",
-        "tiny",
         "--models",
         json.dumps(MODELS),
         "--out",
@@ -228,7 +215,7 @@ def _finetune(task_dir: Path, out: Path, *extra: str) -> subprocess.CompletedPro
 
 def test_label_outside_the_label_set(tmp_path):
     task = _task_dir(tmp_path, [0, 1, 7, 0])
-    out = tmp_path / "run"
+    out = _where(tmp_path, "base", task="probe", model="tiny", seed=0)
     _one_line_error(
         _finetune(task, out), str(task / "train.parquet"), "row 2 has label 7 outside 0..1"
     )
@@ -238,34 +225,28 @@ def test_label_outside_the_label_set(tmp_path):
 def test_missing_task_split(tmp_path):
     task = _task_dir(tmp_path, [0, 1])
     (task / "dev.parquet").unlink()
-    out = tmp_path / "run"
+    out = _where(tmp_path, "base", task="probe", model="tiny", seed=0)
     _one_line_error(_finetune(task, out), str(task / "dev.parquet"), "task split not found")
     assert not out.exists()
 
 
-def test_unknown_mixture_name(tmp_path):
+def test_a_folder_outside_the_results_layout(tmp_path):
+    """A run's identity comes from its folder: one that names no run (here an unknown
+    mixture, `mop-moe-x`) is refused before anything is written."""
     task = _task_dir(tmp_path, [0, 1])
-    out = tmp_path / "run"
+    out = tmp_path / "results/finetune/probe/tiny/mop-moe-x/g/k2-metis/seed0"
     result = mop(
         "finetune",
-        "--task",
-        "probe",
         "--task-dir",
         str(task),
-        "--method",
-        "mop",
-        "--mixture",
-        "moe-x",
         "--adapters",
         "a",
-        "--model",
-        "tiny",
         "--models",
         json.dumps(MODELS),
         "--out",
         str(out),
     )
-    _one_line_error(result, "mixture 'moe-x' is not softmax, gumbel[-t<tau>] or moe[-k<top k>]")
+    _one_line_error(result, str(out), "not a folder of the results layout")
     assert not out.exists()
 
 
@@ -274,8 +255,6 @@ def test_options_that_are_not_json(tmp_path):
         "partition",
         "--kg",
         str(tmp_path),
-        "--k",
-        "2",
         "--options",
         "{k: 2",
         "--out",
@@ -286,7 +265,7 @@ def test_options_that_are_not_json(tmp_path):
 
 
 def test_unreadable_checkpoint(small_kg, small_partition, small_tokens, tmp_path):
-    out = tmp_path / "p0"
+    out = _where(tmp_path, "adapter", kg="g", k=3, scheme="metis", model="tiny", part=0)
     corrupt_checkpoint(out / "checkpoint")
     result = mop(
         "pretrain",
@@ -296,16 +275,10 @@ def test_unreadable_checkpoint(small_kg, small_partition, small_tokens, tmp_path
         str(small_tokens),
         "--partition",
         str(small_partition),
-        "--part",
-        "0",
-        "--model",
-        "tiny",
         "--models",
         json.dumps(MODELS),
         "--out",
         str(out),
-        "--results",
-        str(tmp_path),
     )
     _one_line_error(result, str(out / "checkpoint"), "checkpoint is unreadable")
     assert not (out / "adapter").exists() and not (out / "metrics.json").exists()

@@ -58,7 +58,7 @@ def test_a_job_failing_on_bad_data_keeps_the_rest_and_the_rerun_does_only_what_i
     corrupt_checkpoint(bad)
     result = snakemake(work, "--keep-going")
     assert result.returncode != 0
-    log = "results/logs/pretrain/hpo-tiny/k2-metis/tiny/p1.log"
+    log = "results/logs/adapters/hpo-tiny/k2-metis/tiny/p1.log"
     assert "Error in rule pretrain" in result.stderr and log in result.stderr
     assert "checkpoint is unreadable" in (work / log).read_text()
     r = work / "results"

@@ -7,6 +7,7 @@ from mop.errors import MopError
 from mop.finetune import FinetuneConfig, build_classifier, finetune
 from mop.fusion import MixtureConfig, MixtureFusion, fusion_layers
 from mop.io import read_json
+from mop.plan import Run
 from mop.tasks import document_micro_f1, get_task, prepare_data
 from mop.tasks.probe import prepare
 from tests.conftest import REPO
@@ -301,37 +302,30 @@ def _finetune_cmd(task_dir, adapters, out, models, **options) -> list[str]:
         "-m",
         "mop.cli",
         "finetune",
-        "--task",
-        "probe",
         "--task-dir",
         str(task_dir),
-        "--method",
-        "mop",
-        "--mixture",
-        "gumbel",
         "--adapters",
         *map(str, adapters),
-        "--model",
-        "tiny",
         "--models",
         json.dumps(models),
-        "--seed",
-        "4",
         "--device",
         "cpu",
         "--options",
         json.dumps(opts | options),
         "--out",
-        str(out),
-        "--results",
-        str(out.parent),
+        str(out / RUN.folder("results")),
     ]
+
+
+# the run the command-line tests make: its folder says task, model, method, mixture, seed
+RUN = Run("mop", task="probe", model="tiny", mixture="gumbel", kg="g", k=3, scheme="metis", seed=4)
 
 
 def _same_run(a, b) -> None:
     """Two runs' outputs are identical: predictions, weights, metrics but timings."""
     from safetensors.torch import load_file
 
+    a, b = a / RUN.folder("results"), b / RUN.folder("results")
     assert pl.read_parquet(a / "predictions.parquet").equals(
         pl.read_parquet(b / "predictions.parquet")
     )
@@ -367,11 +361,11 @@ def test_killed_and_preempted_fine_tuning_resumes_to_the_uninterrupted_result(
         stderr=subprocess.PIPE,
         text=True,
     )
-    first = kill_at_checkpoint(proc, cut / "checkpoint", signal.SIGTERM)
+    first = kill_at_checkpoint(proc, cut / RUN.folder("results") / "checkpoint", signal.SIGTERM)
     assert proc.returncode == 143, proc.stderr.read()[-2000:]
     assert "stopped by SIGTERM" in proc.stderr.read()
-    second = checkpoint_step(cut / "checkpoint")
-    assert second >= first and not (cut / "metrics.json").exists()
+    second = checkpoint_step(cut / RUN.folder("results") / "checkpoint")
+    assert second >= first and not (cut / RUN.folder("results") / "metrics.json").exists()
     # SIGKILL at a later checkpoint: nothing but the checkpoint survives.
     proc = subprocess.Popen(
         _finetune_cmd(probe_dir, tiny_adapters, cut, models),
@@ -381,13 +375,15 @@ def test_killed_and_preempted_fine_tuning_resumes_to_the_uninterrupted_result(
     import time
 
     deadline = time.time() + 120
-    while (checkpoint_step(cut / "checkpoint") or 0) <= second and time.time() < deadline:
+    while (
+        checkpoint_step(cut / RUN.folder("results") / "checkpoint") or 0
+    ) <= second and time.time() < deadline:
         if proc.poll() is not None:
             break
         time.sleep(0.005)
     proc.kill()
     proc.wait()
-    step = checkpoint_step(cut / "checkpoint")
+    step = checkpoint_step(cut / RUN.folder("results") / "checkpoint")
     assert step is not None and step > second, "the job finished before the second kill"
     result = subprocess.run(
         _finetune_cmd(probe_dir, tiny_adapters, cut, models),
@@ -397,7 +393,7 @@ def test_killed_and_preempted_fine_tuning_resumes_to_the_uninterrupted_result(
     )
     assert f"resuming from step {step}" in result.stderr
     assert "epoch 3/3: train loss" in result.stderr  # one line per epoch
-    assert not (cut / "checkpoint").exists()
+    assert not (cut / RUN.folder("results") / "checkpoint").exists()
     _same_run(full, cut)
 
 
@@ -414,7 +410,7 @@ def test_fine_tuning_on_an_unavailable_device_stops_with_one_line(
     assert result.returncode == 1
     errors = [x for x in result.stderr.splitlines() if x.startswith("mop: error:")]
     assert len(errors) == 1 and "runtime.device: cuda asked for" in errors[0]
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not (tmp_path / "run" / RUN.folder("results") / "metrics.json").exists()
 
 
 @pytest.fixture(scope="module")

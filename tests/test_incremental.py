@@ -20,56 +20,103 @@ from tests.conftest import REPO, snakemake
 
 pytestmark = pytest.mark.slow
 
-TINY2 = {"random": {"layers": 2, "hidden": 64, "heads": 2, "intermediate": 128, "seed": 1},
-         "tokenizer": "minilm-l6"}
+TINY2 = {
+    "random": {"layers": 2, "hidden": 64, "heads": 2, "intermediate": 128, "seed": 1},
+    "tokenizer": "minilm-l6",
+}
 HOC = str(REPO / "tests" / "fixtures" / "tasks" / "hoc")
 
 # name -> (config extension, the jobs it may schedule: rule -> count)
 CASES: dict[str, tuple[dict, dict[str, int]]] = {
     "seed": (
         {"finetune": {"seeds": [0, 1, 2]}},
-        {"finetune_base": 1, "finetune_mop": 2, "table_main": 1, "table_mixtures": 1},
+        {"finetune_base": 1, "finetune_mop": 2, "report_table1": 1, "report_table6": 1},
     ),
     "task": (
         {"tasks": {"hoc": {"path": HOC}}, "finetune": {"tasks": ["probe", "hoc"]}},
-        {"task_data": 1, "encode": 1, "finetune_base": 2, "finetune_mop": 4, "table_main": 1,
-         "table_mixtures": 1, "finetune_adapter": 2, "select_subsets": 1,
-         "finetune_subset": 1, "table_single_adapters": 1, "table_subsets": 1,
-         "figure_adapters": 1},
+        {
+            "task_data": 1,
+            "encode": 1,
+            "finetune_base": 2,
+            "finetune_mop": 4,
+            "report_table1": 1,
+            "report_table6": 1,
+            "finetune_adapter": 2,
+            "select_subsets": 1,
+            "finetune_subset": 1,
+            "report_single_adapters": 1,
+            "report_subsets": 1,
+            "report_figure2": 1,
+        },
     ),
     "mixture": (
         {"finetune": {"mixtures": ["softmax", "gumbel-t0.5", "moe"]}},
-        {"finetune_mop": 2, "table_main": 1, "table_mixtures": 1},
+        {"finetune_mop": 2, "report_table1": 1, "report_table6": 1},
     ),
     "k": (
         {"partition": {"k": [2, 3]}},
-        {"partition": 6, "table_shuffle": 1},
+        {"partition": 6, "report_table3": 1},
     ),
     "model": (
         {"models": {"tiny2": TINY2}, "base_models": ["tiny", "tiny2"]},
-        {"tokenize": 1, "pretrain": 2, "finetune_base": 2, "finetune_mop": 4,
-         "finetune_adapter": 2, "select_subsets": 1, "finetune_subset": 1, "table_main": 1,
-         "table_mixtures": 1, "table_single_adapters": 1, "table_subsets": 1,
-         "figure_adapters": 1},
+        {
+            "tokenize": 1,
+            "pretrain": 2,
+            "finetune_base": 2,
+            "finetune_mop": 4,
+            "finetune_adapter": 2,
+            "select_subsets": 1,
+            "finetune_subset": 1,
+            "report_table1": 1,
+            "report_table6": 1,
+            "report_single_adapters": 1,
+            "report_subsets": 1,
+            "report_figure2": 1,
+        },
     ),
     "kg": (
-        {"kgs": {"hpo-tiny2": {"source": "hpo", "diseases": 40, "min_phenotypes": 8,
-                               "max_phenotypes": 30, "seed": 6}}},
-        {"kg": 1, "partition": 6, "tokenize": 1, "pretrain": 2, "finetune_mop": 4,
-         "finetune_adapter": 2, "select_subsets": 1, "finetune_subset": 1, "topics": 1,
-         "table_kgs": 1, "table_shuffle": 1, "table_main": 1, "table_mixtures": 1,
-         "table_single_adapters": 1, "table_subsets": 1, "figure_adapters": 1,
-         "figure_topics": 0},
+        {
+            "kgs": {
+                "hpo-tiny2": {
+                    "source": "hpo",
+                    "diseases": 40,
+                    "min_phenotypes": 8,
+                    "max_phenotypes": 30,
+                    "seed": 6,
+                }
+            }
+        },
+        {
+            "kg": 1,
+            "partition": 6,
+            "tokenize": 1,
+            "pretrain": 2,
+            "finetune_mop": 4,
+            "finetune_adapter": 2,
+            "select_subsets": 1,
+            "finetune_subset": 1,
+            "topics": 1,
+            "report_table2": 1,
+            "report_table3": 1,
+            "report_table1": 1,
+            "report_table6": 1,
+            "report_single_adapters": 1,
+            "report_subsets": 1,
+            "report_figure2": 1,
+            "report_figure_topics": 0,
+        },
     ),
     "shuffle rate": (
         {"partition": {"shuffle": [0.0, 0.1, 0.2, 0.3, 0.4, 0.8, 1.0]}},
-        {"partition": 1, "table_shuffle": 1},
+        {"partition": 1, "report_table3": 1},
     ),
     "experiment": ({"experiment": "renamed"}, {}),
     "resources": ({"resources": {"finetune": {"mem_mb": 5000, "runtime": 30}}}, {}),
     "threads": ({"resources": {"finetune": {"threads": 2}, "pretrain": {"threads": 2}}}, {}),
-    "report options": ({"analysis": {"topics": {"groups": 2, "terms": 12}}}, {"topics": 1,
-                                                                            "figure_topics": 1}),
+    "report options": (
+        {"analysis": {"topics": {"groups": 2, "terms": 12}}},
+        {"topics": 1, "report_figure_topics": 1},
+    ),
     "runtime": ({"runtime": {"device": "cpu", "precision": "fp32"}}, {}),
 }
 # Jobs every case may add besides its own: the MLflow report run and the target.
@@ -80,8 +127,7 @@ TRAINING = {"kg", "partition", "tokenize", "pretrain", "encode", "task_probe", "
 def scheduled(work: Path, extension: dict, tmp_path: Path) -> collections.Counter:
     extra = tmp_path / "extension.yaml"
     extra.write_text(yaml.safe_dump(extension))
-    result = snakemake(work, "-n", "--configfile", str(work / "config" / "config.yaml"),
-                       str(extra))
+    result = snakemake(work, "-n", "--configfile", str(work / "config" / "config.yaml"), str(extra))
     assert result.returncode == 0, result.stderr[-3000:]
     return collections.Counter(re.findall(r"^rule (\w+):", result.stdout, flags=re.M))
 

@@ -243,7 +243,7 @@ def test_umls_missing_file_and_cli_exit_without_partial_output(tmp_path, capsys)
     _edit(release / "META" / "MRREL.RRF", 3, lambda b: b.replace(b"|SCUI|RO|", b"|RO|", 1))
     out = tmp_path / "results" / "kg" / "bad"
     options = json.dumps({"source": "umls", "path": str(release)})
-    assert main(["kg", "--name", "bad", "--options", options, "--out", str(out)]) == 1
+    assert main(["kg", "--options", options, "--out", str(out)]) == 1
     errors = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
     assert len(errors) == 1 and errors[0].startswith("mop: error: ")
     assert "MRREL.RRF:3: expected 16 fields" in errors[0]
@@ -420,16 +420,14 @@ def test_openke_round_trip_of_graph_and_partition(tmp_path, sfull):
             "partition",
             "--kg",
             str(tmp_path / "kg2"),
-            "--k",
-            "2",
             "--given",
             str(tmp_path / "openke"),
             "--out",
-            str(tmp_path / "part2"),
+            str(tmp_path / "partition" / "g" / "k2-metis"),
         ]
     )
     assert code == 0
-    again = pl.read_parquet(tmp_path / "part2" / "membership.parquet")
+    again = pl.read_parquet(tmp_path / "partition" / "g" / "k2-metis" / "membership.parquet")
     assert again.equals(members)
 
 
@@ -462,14 +460,10 @@ def test_kg_stage_writes_relation_frequency_and_logs_to_mlflow(tmp_path, monkeyp
         main(
             [
                 "kg",
-                "--name",
-                "s20",
                 "--options",
                 options,
                 "--out",
                 str(out),
-                "--results",
-                str(results),
                 "--experiment",
                 "kgtest",
             ]

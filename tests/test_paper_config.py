@@ -77,11 +77,11 @@ def test_dry_run_lists_the_papers_jobs(tmp_path):
         "encode": 6 * models,  # each task's tokens once per tokenizer, for every run
         "finetune_base": models * runs,
         "finetune_mop": models * runs * kgs,
-        "table_main": 1,  # Table 1
-        "table_kgs": 1,  # Table 2
-        "table_shuffle": 1,  # Table 3
-        "figure_adapters": 1,  # Figure 2
-        "figure_mixture": 1,  # Figure 4
+        "report_table1": 1,  # Table 1
+        "report_table2": 1,  # Table 2
+        "report_table3": 1,  # Table 3
+        "report_figure2": 1,  # Figure 2
+        "report_figure4": 1,  # Figure 4
         "publish": 1,  # the MLflow report run
         "all": 1,
     }
@@ -99,17 +99,21 @@ def test_dry_run_lists_the_papers_jobs(tmp_path):
         c for c in result.stdout.splitlines() if c.startswith("Shell command: mop finetune")
     ]
     assert len(commands) == models * runs * (1 + kgs)
-    pqa = [c for c in commands if "--task pubmedqa" in c and "--method mop" in c]
+    pqa = [c for c in commands if re.search(r"--out results/finetune/pubmedqa/\w+/mop-", c)]
     assert len(pqa) == models * kgs * 10
     for c in pqa:
-        seed = re.search(r"--seed (\d+)", c)[1]
+        seed = re.search(r"/seed(\d+) ", c)[1]
         assert f"--task-dir results/tasks/pubmedqa/fold{seed} " in c
         assert '"batch_size": 8' in c and '"max_length": 512' in c
         assert re.search(rf"--encoded results/encoded/pubmedqa/\w+/len512/fold{seed} ", c)
-        assert "--device auto --precision auto" in c
-    hoc = [c for c in commands if "--task hoc" in c]
+        # each job gets only what it reads: its model's entry, no grid or tracking keys
+        assert '"seeds"' not in c and '"tasks"' not in c and "experiment" not in c
+        assert c.count('"hub"') == 1
+    hoc = [c for c in commands if "--out results/finetune/hoc/" in c]
     assert all('"lr": 2e-05' in c and '"batch_size": 32' in c for c in hoc)
     assert all(" --task-dir results/tasks/hoc " in c for c in hoc)
+    base = [c for c in hoc if "/base/seed" in c]
+    assert base and all('"lr_fusion"' not in c and '"lr_adapters"' not in c for c in base)
 
 
 def test_missing_dataset_stops_a_real_run_before_any_job(tmp_path):

@@ -16,11 +16,10 @@ from mop.partition import (
     entity_graph,
     partition_graph,
     run_partition,
-    scheme_name,
-    scheme_rate,
     shuffle_membership,
 )
-from mop.report import partition_rows, table_shuffle
+from mop.plan import scheme_name, scheme_rate
+from mop.report.tables import partition_rows, table_shuffle
 from tests.conftest import REPO
 
 
@@ -297,7 +296,7 @@ def test_table3_labels_columns_by_k_when_there_are_several(tmp_path):
     files = []
     for k, counts in ((5, (90, 30)), (20, (60, 5))):
         for rate, count in zip((0.0, 1.0), counts, strict=True):
-            f = tmp_path / "hpo" / f"k{k}-{scheme_name(rate)}" / "stats.json"
+            f = tmp_path / "partition" / "hpo" / f"k{k}-{scheme_name(rate)}" / "stats.json"
             write_json({"k": k, "shuffle": rate, "triples": 100, "triples_retained": count}, f)
             files.append(f)
     rows = partition_rows(files)
@@ -331,7 +330,7 @@ def test_workflow_dry_run_expands_every_k_and_shuffle_scheme(tmp_path):
     out = result.stdout + result.stderr
     built = set(re.findall(r"results/partition/hpo-tiny/(k\d+-[\w.]+)/stats\.json", out))
     assert built == {f"k{k}-{s}" for k in (2, 3) for s in ("metis", "shuffle0.5", "shuffle1.0")}
-    for rule in ("table_shuffle", "table_partitions", "figure_shuffle"):
+    for rule in ("report_table3", "report_table4", "report_figure3"):
         assert f"rule {rule}:" in out
     finetuned = set(re.findall(r"mop-softmax/hpo-tiny/(k\d+-[\w.]+)/seed\d+/metrics\.json", out))
     # Table 4: every K with METIS; Figure 3: every shuffle rate at finetune.k.

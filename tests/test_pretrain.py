@@ -149,18 +149,12 @@ def _pretrain_cmd(small_kg, small_partition, small_tokens, out, models):
         str(small_tokens),
         "--partition",
         str(small_partition),
-        "--part",
-        "2",
-        "--model",
-        "tiny",
         "--models",
         json.dumps(models),
         "--options",
         json.dumps(options),
         "--out",
         str(out),
-        "--results",
-        str(out.parent),
     ]
 
 
@@ -168,7 +162,8 @@ def test_resume_after_sigkill_gives_the_uninterrupted_adapter(
     small_kg, small_partition, small_tokens, models, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    full, killed = tmp_path / "full", tmp_path / "killed"
+    run = "results/adapters/g/k3-metis/tiny/p2"  # the folder names the partition
+    full, killed = tmp_path / "full" / run, tmp_path / "killed" / run
     subprocess.run(
         _pretrain_cmd(small_kg, small_partition, small_tokens, full, models),
         check=True,

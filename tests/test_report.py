@@ -3,21 +3,15 @@ import polars as pl
 import pytest
 
 from mop.io import write_json
-from mop.report import (
-    figure_adapters,
-    figure_mixture,
-    figure_shuffle,
-    load_runs,
-    table_k,
-    table_kgs,
-    table_main,
-    table_mixtures,
-)
+from mop.plan import Run
+from mop.report import load_runs
+from mop.report.figures import figure_adapters, figure_mixture, figure_shuffle
+from mop.report.tables import table_k, table_kgs, table_main, table_mixtures
 
 
-def _run(root, folder, test, **tags):
-    out = root / folder
-    write_json({"tags": {"task": "probe", "model": "m", **tags}}, out / "run.json")
+def _run(root, test, kind, **fields):
+    """A finished run's metrics in its folder of the results layout (its identity)."""
+    out = root / Run(kind, task="probe", model="m", **fields).folder("results")
     write_json(
         {
             "main_metric": "accuracy",
@@ -34,10 +28,10 @@ def _run(root, folder, test, **tags):
 def runs(tmp_path):
     files = []
     for seed, (b, m, g) in enumerate([(0.50, 0.60, 0.49), (0.52, 0.62, 0.52), (0.54, 0.64, 0.55)]):
-        files.append(_run(tmp_path, f"base/s{seed}", b, method="base", seed=seed))
-        mop = {"method": "mop", "kg": "g", "k": "4", "scheme": "metis", "seed": seed}
-        files.append(_run(tmp_path, f"soft/s{seed}", m, mixture="softmax", **mop))
-        files.append(_run(tmp_path, f"gum/s{seed}", g, mixture="gumbel-t0.5", **mop))
+        files.append(_run(tmp_path, b, "base", seed=seed))
+        mop = {"kg": "g", "k": 4, "scheme": "metis", "seed": seed}
+        files.append(_run(tmp_path, m, "mop", mixture="softmax", **mop))
+        files.append(_run(tmp_path, g, "mop", mixture="gumbel-t0.5", **mop))
     return load_runs(files)
 
 
@@ -85,9 +79,9 @@ def test_table6_and_table4(runs, tmp_path):
 def test_table2_from_stats(tmp_path):
     write_json(
         {"entities": 302332, "relations": 229, "triples": 4129726},
-        tmp_path / "SFull" / "stats.json",
+        tmp_path / "kg" / "SFull" / "stats.json",
     )
-    md = table_kgs([tmp_path / "SFull" / "stats.json"]).markdown()
+    md = table_kgs([tmp_path / "kg" / "SFull" / "stats.json"]).markdown()
     assert "| SFull | 302,332 | 229 | 4,129,726 |" in md
 
 

@@ -60,19 +60,20 @@ def test_workflow_through_sbatch_equals_a_local_run(cluster, finished_run, tmp_p
             "encode",
             "finetune_base",
             "finetune_mop",
-            "table_main",
-            "table_kgs",
-            "table_shuffle",
-            "table_mixtures",
-            "figure_adapters",
-            "figure_mixture",
+            "report_table1",
+            "report_table2",
+            "report_table3",
+            "report_table6",
+            "report_figure2",
+            "report_figure4",
             "finetune_adapter",
             "select_subsets",
             "finetune_subset",
-            "table_single_adapters",
-            "table_subsets",
+            "report_single_adapters",
+            "report_subsets",
             "topics",
-            "figure_topics",
+            "report_figure_topics",
+            "report_wordclouds",
             "publish",
         )
     }
@@ -106,18 +107,12 @@ def _pretrain_cmd(kg, partition, tokens, out, models) -> list[str]:
         str(tokens),
         "--partition",
         str(partition),
-        "--part",
-        "0",
-        "--model",
-        "tiny",
         "--models",
         json.dumps(models),
         "--options",
         json.dumps(options),
         "--out",
         str(out),
-        "--results",
-        str(out.parent),
     ]
 
 
@@ -148,7 +143,8 @@ def test_scancelled_pretraining_resumes_to_the_uninterrupted_result(
     cluster, small_kg, small_partition, small_tokens, models, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    full, killed = tmp_path / "full", tmp_path / "killed"
+    run = "results/adapters/g/k3-metis/tiny/p0"  # the folder names the partition
+    full, killed = tmp_path / "full" / run, tmp_path / "killed" / run
     subprocess.run(
         _pretrain_cmd(small_kg, small_partition, small_tokens, full, models),
         check=True,
@@ -187,7 +183,7 @@ def test_requeued_fine_tuning_resumes_from_its_checkpoint(
     it checkpoints), puts it back in the queue and starts the same command again, which
     resumes and ends with the uninterrupted run's outputs."""
     from mop.tasks.probe import prepare
-    from tests.test_finetune import _finetune_cmd, _same_run
+    from tests.test_finetune import RUN, _finetune_cmd, _same_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     task = tmp_path / "probe"
@@ -227,7 +223,8 @@ def test_requeued_fine_tuning_resumes_from_its_checkpoint(
         .split(";")[0]
     )
     deadline = time.time() + 240
-    while checkpoint_step(requeued / "checkpoint") is None and time.time() < deadline:
+    folder = requeued / RUN.folder("results")
+    while checkpoint_step(folder / "checkpoint") is None and time.time() < deadline:
         time.sleep(0.01)
     subprocess.run(["scontrol", "requeue", job], check=True)
     # SLURM holds a requeued job back for a while (BeginTime); let it start now.

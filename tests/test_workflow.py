@@ -189,7 +189,7 @@ def test_a_new_shuffle_rate_adds_its_partition_and_reruns_nothing_else(finished_
     result = snakemake(finished_run, "-n", "--configfile", str(extra))
     assert result.returncode == 0, result.stderr
     jobs = set(re.findall(r"^rule (\w+):", result.stdout, flags=re.M))
-    assert jobs == {"partition", "table_shuffle", "publish", "all"}
+    assert jobs == {"partition", "report_table3", "publish", "all"}
     assert "k2-shuffle0.3/stats.json" in result.stdout
     assert result.stdout.count("rule partition:") == 1
 

@@ -1,22 +1,36 @@
+# Downstream tasks: prepared splits, their tokens, and the fine-tuning runs of every method.
+
+
 rule task_probe:
     input:
-        entities=lambda w: f"{R}/kg/{config['tasks']['probe']['kg']}/entities.parquet",
-        membership=lambda w: f"{R}/partition/{config['tasks']['probe']['kg']}/"
-        f"k{config['tasks']['probe']['k']}-metis/membership.parquet",
+        entities=lambda w: PLAN.path(Run("kg", kg=config["tasks"]["probe"]["kg"]),
+                                     "entities.parquet"),
+        membership=lambda w: PLAN.path(
+            Run("partition", kg=config["tasks"]["probe"]["kg"], k=config["tasks"]["probe"]["k"],
+                scheme="metis"),
+            "membership.parquet",
+        ),
     output:
-        expand(f"{R}/tasks/probe/{{split}}.parquet", split=["train", "dev", "test"]),
-        summary=f"{R}/tasks/probe/summary.json",
+        multiext(
+            pattern("task", "", R) + "/",
+            "train.parquet",
+            "dev.parquet",
+            "test.parquet",
+            "summary.json",
+        ),
+    wildcard_constraints:
+        task="probe",
     params:
-        options=lambda w: as_json(config["tasks"].get("probe", {})),
-        kg=lambda w, input: str(Path(input.entities).parent),
-        partition=lambda w, input: str(Path(input.membership).parent),
-        out=f"{R}/tasks/probe",
+        options=lambda w: as_json(PLAN.task_data_options("probe")),
+        kg=lambda w, input: os.path.dirname(input.entities),
+        partition=lambda w, input: os.path.dirname(input.membership),
+        out=lambda w, output: os.path.dirname(output[0]),
     conda:
         "../envs/mop.yaml"
     log:
-        f"{R}/logs/tasks/probe.log",
+        log_pattern("task", R),
     shell:
-        "mop task probe --kg {params.kg} --partition {params.partition}"
+        "mop task --kg {params.kg} --partition {params.partition}"
         " --options {params.options:q} --out {params.out} 2> {log:q}"
 
 
@@ -24,241 +38,174 @@ rule task_data:
     input:
         lambda w: task_files(w.task),
     output:
-        expand(f"{R}/tasks/{{{{task}}}}/{{split}}.parquet", split=["train", "dev", "test"]),
-        summary=f"{R}/tasks/{{task}}/summary.json",
+        multiext(
+            pattern("task", "", R) + "/",
+            "train.parquet",
+            "dev.parquet",
+            "test.parquet",
+            "summary.json",
+        ),
     wildcard_constraints:
-        task=r"hoc|bioasq7b|bioasq8b|mednli|medqa",
+        task="hoc|bioasq7b|bioasq8b|mednli|medqa",
     params:
-        options=lambda w: as_json(task_data_options(config, w.task)),
-        out=lambda w: f"{R}/tasks/{w.task}",
+        options=lambda w: as_json(PLAN.task_data_options(w.task)),
+        out=lambda w, output: os.path.dirname(output[-1]),
     conda:
         "../envs/mop.yaml"
     log:
-        f"{R}/logs/tasks/{{task}}.log",
+        log_pattern("task", R),
     shell:
-        "mop task {wildcards.task} --options {params.options:q} --out {params.out} 2> {log:q}"
+        "mop task --options {params.options:q} --out {params.out} 2> {log:q}"
 
 
-rule task_pubmedqa:
-    input:
-        lambda w: task_files("pubmedqa"),
+use rule task_data as task_pubmedqa with:
     output:
-        expand(f"{R}/tasks/pubmedqa/fold{{i}}/{{split}}.parquet", i=range(10),
-               split=["train", "dev", "test"]),
-        summary=f"{R}/tasks/pubmedqa/summary.json",
+        expand(
+            pattern("task", "fold{i}/{split}.parquet", R),
+            i=range(10),
+            split=["train", "dev", "test"],
+            allow_missing=True,
+        ),
+        summary=pattern("task", "summary.json", R),
+    wildcard_constraints:
+        task="pubmedqa",
     params:
-        options=lambda w: as_json(task_data_options(config, "pubmedqa")),
-        out=f"{R}/tasks/pubmedqa",
-    conda:
-        "../envs/mop.yaml"
-    log:
-        f"{R}/logs/tasks/pubmedqa.log",
-    shell:
-        "mop task pubmedqa --options {params.options:q} --out {params.out} 2> {log:q}"
+        options=lambda w: as_json(PLAN.task_data_options("pubmedqa")),
+        out=lambda w, output: os.path.dirname(output.summary),
 
 
 rule encode:
     input:
-        f"{R}/tasks/{{task}}/summary.json",
+        pattern("task", "summary.json", R),
     output:
-        f"{R}/encoded/{{task}}/{{tokenizer}}/len{{length}}/encoding.json",
+        pattern("encoded", "encoding.json", R),
     params:
-        models=lambda w: models_json(),
-        task_dir=lambda w: f"{R}/tasks/{w.task}",
-        out=lambda w: f"{R}/encoded/{w.task}/{w.tokenizer}/len{w.length}",
-    wildcard_constraints:
-        tokenizer=r"[A-Za-z0-9][A-Za-z0-9._-]*",
-        length=r"\d+",
+        models=models_json,
+        task_dir=lambda w, input: os.path.dirname(input[0]),
+        out=lambda w, output: os.path.dirname(output[0]),
     resources:
         **stage_resources("tokenize"),
     conda:
         "../envs/mop.yaml"
     log:
-        f"{R}/logs/encode/{{task}}/{{tokenizer}}/len{{length}}.log",
+        log_pattern("encoded", R),
     shell:
-        "mop encode --task {wildcards.task} --task-dir {params.task_dir}"
-        " --model {wildcards.tokenizer} --models {params.models:q}"
-        " --max-length {wildcards.length} --out {params.out} 2> {log:q}"
+        "mop encode --task-dir {params.task_dir} --models {params.models:q}"
+        " --out {params.out} 2> {log:q}"
 
 
-FINETUNE_OUTPUTS = ["metrics.json", "predictions.parquet"]
+FINETUNE = ["metrics.json", "predictions.parquet"]
+
+
+def finetune_inputs(w):
+    """Every run reads its task's splits and their tokens for its model's tokenizer."""
+    return {
+        "task": PLAN.path(Run("task", task=w.task), "summary.json"),
+        "encoded": PLAN.path(PLAN.encoded(w.task, w.model), "encoding.json"),
+    }
 
 
 rule finetune_base:
     input:
-        task=f"{R}/tasks/{{task}}/summary.json",
-        encoded=lambda w: f"{encoded_root(w.task, w.model)}/encoding.json",
+        unpack(finetune_inputs),
     output:
-        [f"{R}/finetune/{{task}}/{{model}}/base/seed{{seed}}/{f}" for f in FINETUNE_OUTPUTS],
+        multiext(pattern("base", "", R) + "/", *FINETUNE),
     params:
-        options=lambda w: task_options(w.task),
-        models=lambda w: models_json(),
-        task_dir=lambda w: task_dir(w.task, w.seed),
-        encoded=lambda w: encoded_dir(w.task, w.model, w.seed),
-        out=lambda w: f"{R}/finetune/{w.task}/{w.model}/base/seed{w.seed}",
-        tags=lambda w: tags(stage="finetune", task=w.task, model=w.model, method="base",
-                            seed=w.seed),
-        name=lambda w: f"finetune {w.task} {w.model} base seed{w.seed}",
-        experiment=config["experiment"],
+        options=lambda w: as_json(PLAN.finetune_options(run_of("base")(w))),
+        models=models_json,
+        task_dir=lambda w: PLAN.task_folder(w.task, w.seed),
+        encoded=lambda w: PLAN.encoded_folder(w.task, w.model, w.seed),
+        adapters="",
+        out=lambda w, output: os.path.dirname(output[0]),
     threads: res("finetune", "threads")
     resources:
         **stage_resources("finetune"),
     conda:
         "../envs/mop.yaml"
     log:
-        f"{R}/logs/finetune/{{task}}/{{model}}/base/seed{{seed}}.log",
+        log_pattern("base", R),
     shell:
-        "mop finetune --task {wildcards.task} --task-dir {params.task_dir} --method base"
-        " --model {wildcards.model} --models {params.models:q} --seed {wildcards.seed}"
-        " --options {params.options:q} --encoded {params.encoded} {RUNTIME}"
-        " --threads {threads} --out {params.out}"
-        " --experiment {params.experiment} --run-name {params.name:q} --tags {params.tags:q}"
-        " --results {R} 2> {log:q}"
+        "mop finetune --task-dir {params.task_dir} --encoded {params.encoded} {params.adapters}"
+        " --models {params.models:q} --options {params.options:q} --threads {threads}"
+        " --out {params.out} 2> {log:q}"
 
 
-rule finetune_mop:
+use rule finetune_base as finetune_mop with:
     input:
-        task=f"{R}/tasks/{{task}}/summary.json",
-        encoded=lambda w: f"{encoded_root(w.task, w.model)}/encoding.json",
-        adapters=lambda w: [f"{d}/adapter.safetensors" for d in adapter_dirs(w.kg, w.k, w.scheme, w.model)],
+        unpack(finetune_inputs),
+        adapters=adapter_files,
     output:
-        [
-            f"{R}/finetune/{{task}}/{{model}}/mop-{{mixture}}/{{kg}}/k{{k}}-{{scheme}}/seed{{seed}}/{f}"
-            for f in [*FINETUNE_OUTPUTS, "mixture.parquet"]
-        ],
+        multiext(pattern("mop", "", R) + "/", *FINETUNE, "mixture.parquet"),
     params:
-        options=lambda w: task_options(w.task),
-        models=lambda w: models_json(),
-        task_dir=lambda w: task_dir(w.task, w.seed),
-        encoded=lambda w: encoded_dir(w.task, w.model, w.seed),
-        adapters=lambda w: " ".join(adapter_dirs(w.kg, w.k, w.scheme, w.model)),
-        out=lambda w: f"{R}/finetune/{w.task}/{w.model}/mop-{w.mixture}/{w.kg}/k{w.k}-{w.scheme}/seed{w.seed}",
-        tags=lambda w: tags(stage="finetune", task=w.task, model=w.model, method="mop",
-                            mixture=w.mixture, kg=w.kg, k=w.k, scheme=w.scheme, seed=w.seed),
-        name=lambda w: f"finetune {w.task} {w.model} mop-{w.mixture} {w.kg} k{w.k}-{w.scheme} seed{w.seed}",
-        experiment=config["experiment"],
-    threads: res("finetune", "threads")
-    resources:
-        **stage_resources("finetune"),
-    conda:
-        "../envs/mop.yaml"
+        options=lambda w: as_json(PLAN.finetune_options(run_of("mop")(w))),
+        adapters=lambda w, input: f"--adapters {folders(input.adapters)}",
     log:
-        f"{R}/logs/finetune/{{task}}/{{model}}/mop-{{mixture}}/{{kg}}/k{{k}}-{{scheme}}/seed{{seed}}.log",
-    shell:
-        "mop finetune --task {wildcards.task} --task-dir {params.task_dir} --method mop"
-        " --mixture {wildcards.mixture} --adapters {params.adapters}"
-        " --model {wildcards.model} --models {params.models:q} --seed {wildcards.seed}"
-        " --options {params.options:q} --encoded {params.encoded} {RUNTIME}"
-        " --threads {threads} --out {params.out}"
-        " --experiment {params.experiment} --run-name {params.name:q} --tags {params.tags:q}"
-        " --results {R} 2> {log:q}"
+        log_pattern("mop", R),
 
 
-rule finetune_oracle:
+use rule finetune_mop as finetune_oracle with:
+    output:
+        multiext(pattern("oracle", "", R) + "/", *FINETUNE),
+    params:
+        options=lambda w: as_json(PLAN.finetune_options(run_of("oracle")(w))),
+    log:
+        log_pattern("oracle", R),
+
+
+use rule finetune_mop as finetune_adapter with:
     input:
-        task=f"{R}/tasks/{{task}}/summary.json",
-        encoded=lambda w: f"{encoded_root(w.task, w.model)}/encoding.json",
-        adapters=lambda w: [f"{d}/adapter.safetensors" for d in adapter_dirs(w.kg, w.k, w.scheme, w.model)],
+        unpack(finetune_inputs),
+        adapters=lambda w: adapter_files(w)[int(w.part) : int(w.part) + 1],
     output:
-        [
-            f"{R}/finetune/{{task}}/{{model}}/oracle/{{kg}}/k{{k}}-{{scheme}}/seed{{seed}}/{f}"
-            for f in FINETUNE_OUTPUTS
-        ],
+        multiext(pattern("single", "", R) + "/", *FINETUNE),
     params:
-        options=lambda w: task_options(w.task),
-        models=lambda w: models_json(),
-        task_dir=lambda w: task_dir(w.task, w.seed),
-        encoded=lambda w: encoded_dir(w.task, w.model, w.seed),
-        adapters=lambda w: " ".join(adapter_dirs(w.kg, w.k, w.scheme, w.model)),
-        out=lambda w: f"{R}/finetune/{w.task}/{w.model}/oracle/{w.kg}/k{w.k}-{w.scheme}/seed{w.seed}",
-        tags=lambda w: tags(stage="finetune", task=w.task, model=w.model, method="oracle",
-                            kg=w.kg, k=w.k, scheme=w.scheme, seed=w.seed),
-        name=lambda w: f"finetune {w.task} {w.model} oracle {w.kg} k{w.k}-{w.scheme} seed{w.seed}",
-        experiment=config["experiment"],
-    threads: res("finetune", "threads")
-    resources:
-        **stage_resources("finetune"),
-    conda:
-        "../envs/mop.yaml"
+        options=lambda w: as_json(PLAN.finetune_options(run_of("single")(w))),
     log:
-        f"{R}/logs/finetune/{{task}}/{{model}}/oracle/{{kg}}/k{{k}}-{{scheme}}/seed{{seed}}.log",
-    shell:
-        "mop finetune --task {wildcards.task} --task-dir {params.task_dir} --method oracle"
-        " --adapters {params.adapters}"
-        " --model {wildcards.model} --models {params.models:q} --seed {wildcards.seed}"
-        " --options {params.options:q} --encoded {params.encoded} {RUNTIME}"
-        " --threads {threads} --out {params.out}"
-        " --experiment {params.experiment} --run-name {params.name:q} --tags {params.tags:q}"
-        " --results {R} 2> {log:q}"
+        log_pattern("single", R),
+
+
+use rule finetune_mop as finetune_subset with:
+    input:
+        unpack(finetune_inputs),
+        selection=lambda w: checkpoints.select_subsets.get(
+            task=w.task, model=w.model, kg=w.kg, k=w.k, scheme="metis"
+        ).output[0],
+        adapters=subset_adapter_files,
+    output:
+        multiext(pattern("subset", "", R) + "/", *FINETUNE, "mixture.parquet"),
+    params:
+        options=lambda w: as_json(PLAN.finetune_options(run_of("subset")(w))),
+    log:
+        log_pattern("subset", R),
 
 
 rule probe_controls:
     input:
-        task=f"{R}/tasks/probe/summary.json",
-        adapters=lambda w: [f"{d}/adapter.safetensors" for d in adapter_dirs(w.kg, w.k, "metis", w.model)],
+        task=pattern("task", "summary.json", R),
+        kg=pattern("kg", "entities.parquet", R),
+        membership=pattern("partition", "membership.parquet", R),
+        adapters=adapter_files,
     output:
-        metrics=f"{R}/finetune/probe/{{model}}/zeroshot/{{kg}}/k{{k}}-metis/seed0/metrics.json",
-        baselines=f"{R}/finetune/probe/{{model}}/zeroshot/{{kg}}/k{{k}}-metis/seed0/baselines.json",
+        multiext(pattern("zeroshot", "", R) + "/", "metrics.json", "baselines.json"),
     params:
-        options=lambda w: as_json(config["tasks"]["probe"]),
-        models=lambda w: models_json(),
-        kg=lambda w: f"{R}/kg/{w.kg}",
-        partition=lambda w: f"{R}/partition/{w.kg}/k{w.k}-metis",
-        adapters=lambda w: " ".join(str(Path(d).parent) for d in adapter_dirs(w.kg, w.k, "metis", w.model)),
-        out=lambda w: f"{R}/finetune/probe/{w.model}/zeroshot/{w.kg}/k{w.k}-metis/seed0",
-        tags=lambda w: tags(stage="finetune", task="probe", model=w.model, method="zeroshot",
-                            kg=w.kg, k=w.k, scheme="metis", seed=0),
-        name=lambda w: f"probe controls {w.model} {w.kg} k{w.k}",
-        experiment=config["experiment"],
+        options=lambda w: as_json({"relation": config["tasks"]["probe"]["relation"]}),
+        models=models_json,
+        kg=lambda w, input: os.path.dirname(input.kg),
+        partition=lambda w, input: os.path.dirname(input.membership),
+        task_dir=lambda w, input: os.path.dirname(input.task),
+        adapters=lambda w, input: " ".join(
+            os.path.dirname(os.path.dirname(a)) for a in input.adapters
+        ),
+        out=lambda w, output: os.path.dirname(output[0]),
     threads: res("finetune", "threads")
     resources:
         **stage_resources("finetune"),
     conda:
         "../envs/mop.yaml"
     log:
-        f"{R}/logs/finetune/probe/{{model}}/zeroshot/{{kg}}/k{{k}}-metis.log",
+        log_pattern("zeroshot", R),
     shell:
-        "mop probe-controls --task-dir {R}/tasks/probe --kg {params.kg}"
+        "mop probe-controls --task-dir {params.task_dir} --kg {params.kg}"
         " --partition {params.partition} --adapters {params.adapters}"
-        " --model {wildcards.model} --models {params.models:q} --options {params.options:q}"
-        " {RUNTIME} --threads {threads} --out {params.out}"
-        " --experiment {params.experiment} --run-name {params.name:q} --tags {params.tags:q}"
-        " --results {R} 2> {log:q}"
-
-
-rule finetune_adapter:
-    input:
-        task=f"{R}/tasks/{{task}}/summary.json",
-        encoded=lambda w: f"{encoded_root(w.task, w.model)}/encoding.json",
-        adapter=f"{R}/adapters/{{kg}}/k{{k}}-metis/{{model}}/p{{part}}/adapter/adapter.safetensors",
-    output:
-        [
-            f"{R}/finetune/{{task}}/{{model}}/adapter/{{kg}}/k{{k}}-metis/p{{part}}/seed{{seed}}/{f}"
-            for f in FINETUNE_OUTPUTS
-        ],
-    params:
-        options=lambda w: task_options(w.task),
-        models=lambda w: models_json(),
-        task_dir=lambda w: task_dir(w.task, w.seed),
-        encoded=lambda w: encoded_dir(w.task, w.model, w.seed),
-        adapter=lambda w, input: str(Path(input.adapter).parent),
-        out=lambda w: f"{R}/finetune/{w.task}/{w.model}/adapter/{w.kg}/k{w.k}-metis/p{w.part}/seed{w.seed}",
-        tags=lambda w: tags(stage="finetune", task=w.task, model=w.model, method="adapter",
-                            kg=w.kg, k=w.k, scheme="metis", partition=w.part, seed=w.seed),
-        name=lambda w: f"finetune {w.task} {w.model} adapter {w.kg} k{w.k}-metis p{w.part} seed{w.seed}",
-        experiment=config["experiment"],
-    threads: res("finetune", "threads")
-    resources:
-        **stage_resources("finetune"),
-    conda:
-        "../envs/mop.yaml"
-    log:
-        f"{R}/logs/finetune/{{task}}/{{model}}/adapter/{{kg}}/k{{k}}-metis/p{{part}}/seed{{seed}}.log",
-    shell:
-        "mop finetune --task {wildcards.task} --task-dir {params.task_dir} --method adapter"
-        " --adapters {params.adapter}"
-        " --model {wildcards.model} --models {params.models:q} --seed {wildcards.seed}"
-        " --options {params.options:q} --encoded {params.encoded} {RUNTIME}"
-        " --threads {threads} --out {params.out}"
-        " --experiment {params.experiment} --run-name {params.name:q} --tags {params.tags:q}"
-        " --results {R} 2> {log:q}"
+        " --models {params.models:q} --options {params.options:q} --threads {threads}"
+        " --out {params.out} 2> {log:q}"

@@ -1,21 +1,20 @@
 rule partition:
     input:
-        triples=f"{R}/kg/{{kg}}/triples.parquet",
+        pattern("kg", "triples.parquet", R),
     output:
-        membership=f"{R}/partition/{{kg}}/k{{k}}-{{scheme}}/membership.parquet",
-        triples=f"{R}/partition/{{kg}}/k{{k}}-{{scheme}}/triples.parquet",
-        stats=f"{R}/partition/{{kg}}/k{{k}}-{{scheme}}/stats.json",
+        multiext(
+            pattern("partition", "", R) + "/", "membership.parquet", "triples.parquet", "stats.json"
+        ),
     params:
-        options=lambda w: partition_options(),
-        shuffle=lambda w: shuffle_rate(w.scheme),
-        kg=lambda w: f"{R}/kg/{w.kg}",
-        out=lambda w: f"{R}/partition/{w.kg}/k{w.k}-{w.scheme}",
+        options=lambda w: as_json(PLAN.partition_options()),
+        kg=lambda w, input: os.path.dirname(input[0]),
+        out=lambda w, output: os.path.dirname(output[0]),
+    resources:
+        **stage_resources("partition"),
     conda:
         "../envs/mop.yaml"
     log:
-        f"{R}/logs/partition/{{kg}}/k{{k}}-{{scheme}}.log",
-    resources:
-        **stage_resources("partition"),
+        log_pattern("partition", R),
     shell:
-        "mop partition --kg {params.kg} --k {wildcards.k} --shuffle {params.shuffle}"
-        " --options {params.options:q} --out {params.out} 2> {log:q}"
+        "mop partition --kg {params.kg} --options {params.options:q} --out {params.out}"
+        " 2> {log:q}"

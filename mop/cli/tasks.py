@@ -1,0 +1,75 @@
+"""`mop task` (a task's splits as Parquet), `mop pubmedqa-folds` and `mop encode` (tokens)."""
+
+from __future__ import annotations
+
+import argparse
+
+from mop.cli.common import add_model, add_options, add_out, model_spec
+from mop.log import log
+
+
+def cmd_task(args: argparse.Namespace) -> None:
+    from mop.plan import Run
+
+    task = Run.parse(args.out).task
+    if task != "probe":
+        from mop.tasks import prepare_data
+
+        summary = prepare_data(task, args.options, args.out)
+        log(f"task {task}: {summary.get('examples')} examples -> {args.out}")
+        return
+    from mop.tasks.probe import prepare
+
+    o = {k: v for k, v in args.options.items() if k not in ("kg", "k")}
+    if "shares" in o:
+        o["shares"] = tuple(o["shares"])
+    summary = prepare(args.kg, args.partition, args.out, **o)
+    log(f"task probe: {summary['questions']} questions -> {args.out}")
+
+
+def cmd_pubmedqa_folds(args: argparse.Namespace) -> None:
+    from mop.tasks.pubmedqa import write_official_split
+
+    sizes = write_official_split(args.ori_pqal, args.out, seed=args.seed)
+    log(f"pubmedqa: test {sizes['test']}, folds train {sizes['train']} dev {sizes['dev']}")
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    from mop.plan import Run
+    from mop.tasks import get_task
+    from mop.tasks.encode import write_encoding
+
+    run = Run.parse(args.out)
+    spec = model_spec(args, run.tokenizer)
+    record = write_encoding(args.task_dir, get_task(run.task).kind, spec, run.length, args.out)
+    tokens = sum(e["tokens"] for e in record["splits"].values())
+    log(
+        f"encoded {run.task} ({len(record['splits'])} splits, {tokens} tokens, "
+        f"max_length {run.length}) for {run.tokenizer} -> {args.out}"
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("task", help="prepare a task's splits as Parquet")
+    p.add_argument("--kg", help="the KG folder (KG probe)")
+    p.add_argument("--partition", help="the partition folder (KG probe)")
+    add_options(p, "the tasks.<task> section without finetune and controls")
+    add_out(p, "results/tasks/<task>")
+    p.set_defaults(func=cmd_task)
+
+    p = sub.add_parser(
+        "pubmedqa-folds",
+        help="write PubMedQA's official test set and 10 folds from ori_pqal.json",
+    )
+    p.add_argument("ori_pqal")
+    p.add_argument("--out", required=True, help="folder for test_set.json and pqal_fold*/")
+    p.add_argument("--seed", type=int, default=0, help="the official recipe's seed is 0")
+    p.set_defaults(func=cmd_pubmedqa_folds)
+
+    p = sub.add_parser(
+        "encode", help="tokenize a prepared task's splits once per tokenizer and max_length"
+    )
+    p.add_argument("--task-dir", required=True, help="the prepared task (its folds too)")
+    add_model(p)
+    add_out(p, "results/encoded/<task>/<tokenizer>/len<max_length>")
+    p.set_defaults(func=cmd_encode)

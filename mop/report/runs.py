@@ -1,0 +1,60 @@
+"""Finished runs as one table: each run's identity from its folder, its main metric."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import polars as pl
+
+from mop.io import read_json
+from mop.plan import Run
+
+SCHEMA = {
+    "task": pl.String,
+    "model": pl.String,
+    "method": pl.String,
+    "mixture": pl.String,
+    "kg": pl.String,
+    "k": pl.Int64,
+    "scheme": pl.String,
+    "partition": pl.Int64,
+    "subset": pl.String,
+    "seed": pl.Int64,
+    "metric": pl.String,
+    "train": pl.Float64,
+    "dev": pl.Float64,
+    "test": pl.Float64,
+    "folder": pl.String,
+}
+
+
+def load_runs(metric_files: Sequence[str | Path]) -> pl.DataFrame:
+    """One row per fine-tuning run: its identity (read from its folder by the results
+    grammar, mop.plan) and the train/dev/test value of its main metric."""
+    rows = []
+    for path in metric_files:
+        path = Path(path)
+        run = Run.parse(path)
+        m = read_json(path)
+        main = m["main_metric"]
+        rows.append(
+            {
+                "task": run.task,
+                "model": run.model,
+                "method": run.method,
+                "mixture": run.mixture or "",
+                "kg": run.kg or "",
+                "k": run.k,
+                "scheme": run.scheme or "",
+                "partition": run.part,
+                "subset": run.subset or "",
+                "seed": run.seed,
+                "metric": main,
+                "train": m.get(f"train_{main}"),
+                "dev": m[f"dev_{main}"],
+                "test": m[f"test_{main}"],
+                "folder": str(path.parent),
+            }
+        )
+    return pl.DataFrame(rows, schema=SCHEMA)
