@@ -536,6 +536,10 @@ def trainer(model: Classifier, rt: Runtime, total_steps: int):
     return step
 
 
+def significant(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
 def sync(rt: Runtime) -> None:
     if rt.cuda:
         torch.cuda.synchronize(rt.device)
@@ -624,10 +628,10 @@ def gpu_section(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
         "precision": "bf16",
         "examples_per_s": round(examples_per_s, 2),
         "tokens_per_s": round(tokens_per_s, 1),
-        "train_gflop_per_token": round(flops_per_token / 1e9, 4),
-        "achieved_tflops": round(achieved, 3),
+        "train_gflop_per_token": significant(flops_per_token / 1e9),
+        "achieved_tflops": significant(achieved),
         "peak_bf16_tflops": peak if peak is not None else "unknown card",
-        "mfu": round(achieved / peak, 4) if peak else None,
+        "mfu": significant(achieved / peak) if peak else None,
         "peak_memory_mb": round(peak_memory, 1) if peak_memory is not None else None,
         "bf16_vs_fp32": {
             "steps": len(fp32),
@@ -663,7 +667,9 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gpu", action="store_true", help="run the GPU section instead")
-    parser.add_argument("--device", default=None, help="GPU section: cuda (default), cuda:N")
+    parser.add_argument(
+        "--device", default=None, help="GPU section: cuda (default), cuda:N, or cpu with --smoke"
+    )
     parser.add_argument("--smoke", action="store_true", help="GPU section: a tiny model")
     args = parser.parse_args()
     if not args.gpu:

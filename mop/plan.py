@@ -145,6 +145,15 @@ class Run:
         _, kind, m = min(found, key=lambda x: x[0])
         return cls(kind, **{k: int(v) if k in _INTS else v for k, v in m.groupdict().items()})
 
+    @classmethod
+    def of(cls, kind: str, wildcards: Any) -> Run:
+        """The record of a Snakemake job of this kind, from its wildcards."""
+        names = {f.name for f in fields(cls)} - {"kind"}
+        return cls(
+            kind,
+            **{k: int(v) if k in _INTS else v for k, v in dict(wildcards).items() if k in names},
+        )
+
     @staticmethod
     def root(path: str | Path) -> str:
         """The results root a run folder lies in (`results` for `results/kg/x`)."""
@@ -317,6 +326,27 @@ class Plan:
 
         root = self.path(self.encoded(task, model))
         return f"{root}/fold{seed}" if get_task(task).folds else root
+
+    def resource(self, stage: str, key: str) -> Any:
+        """resources.<stage>.<key>, else resources.default.<key>, else the built-in."""
+        sections = self.config["resources"]
+        builtin = {"threads": 1, "mem_mb": 4000, "runtime": 120}
+        for section in (sections.get(stage, {}), sections.get("default", {}), builtin):
+            if key in section:
+                return section[key]
+        return None
+
+    def resources(self, stage: str) -> dict[str, Any]:
+        """A stage's job resources in the SLURM plugin's names (`gpu`, `gpu_model`,
+        `cpus_per_gpu`, slurm_*). Only the training stages can ask for GPUs. Resources are
+        never params: changing them reruns nothing."""
+        keys = ["mem_mb", "runtime", "slurm_partition", "slurm_account", "slurm_extra"]
+        if stage in ("pretrain", "finetune") and self.resource(stage, "gpus"):
+            keys += ["gpus", "gpu_model", "cpus_per_gpu"]
+        out = {k: self.resource(stage, k) for k in keys if self.resource(stage, k) is not None}
+        if "gpus" in out:
+            out["gpu"] = out.pop("gpus")
+        return out
 
     # ------------------------------------------------------------------ the grid
 

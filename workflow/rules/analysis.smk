@@ -6,11 +6,13 @@ checkpoint select_subsets:
         lambda w: PLAN.metrics(PLAN.single_runs(w.task, w.model, w.kg)),
     output:
         pattern("selection", "subsets.json", R),
+    log:
+        log_pattern("selection", R),
+    conda:
+        "../envs/mop.yaml"
     params:
         subsets=lambda w: as_json(config["analysis"]["subsets"]),
         rank_by=config["analysis"]["rank_by"],
-    log:
-        log_pattern("selection", R),
     shell:
         "mop select-subsets --runs {input} --subsets {params.subsets:q}"
         " --rank-by {params.rank_by} --out {output:q} 2> {log:q}"
@@ -21,16 +23,16 @@ rule topics:
         kg=pattern("kg", "entities.parquet", R),
         membership=pattern("partition", "membership.parquet", R),
     output:
-        multiext(pattern("topics", "", R) + "/", "terms.csv", "groups.csv"),
+        files_in("topics", "terms.csv", "groups.csv"),
+    log:
+        log_pattern("topics", R),
+    conda:
+        "../envs/mop.yaml"
     params:
         options=lambda w: as_json(config["analysis"].get("topics", {})),
         kg=lambda w, input: os.path.dirname(input.kg),
         partition=lambda w, input: os.path.dirname(input.membership),
         out=lambda w, output: os.path.dirname(output[0]),
-    conda:
-        "../envs/mop.yaml"
-    log:
-        log_pattern("topics", R),
     shell:
         "mop topics --kg {params.kg} --partition {params.partition}"
         " --options {params.options:q} --out {params.out} 2> {log:q}"

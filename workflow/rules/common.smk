@@ -65,33 +65,6 @@ def models_json(w):
     return as_json(PLAN.model_entries(w.get("model") or w.get("tokenizer")))
 
 
-def res(stage, key):
-    """A resource of a stage: resources.<stage>, then resources.default, then built-ins."""
-    sections = config["resources"]
-    builtin = {"threads": 1, "mem_mb": 4000, "runtime": 120}
-    for section in (sections.get(stage, {}), sections.get("default", {}), builtin):
-        if key in section:
-            return section[key]
-    return None
-
-
-def stage_resources(stage):
-    """Resources of a stage's jobs in the SLURM plugin's names (`gpu`, `gpu_model`,
-    `cpus_per_gpu`, slurm_*). Only the training stages can ask for GPUs."""
-    keys = ["mem_mb", "runtime", "slurm_partition", "slurm_account", "slurm_extra"]
-    out = {key: res(stage, key) for key in keys if res(stage, key) is not None}
-    if stage in ("pretrain", "finetune") and res(stage, "gpus"):
-        out["gpu"] = res(stage, "gpus")
-        out.update({k: res(stage, k) for k in ("gpu_model", "cpus_per_gpu") if res(stage, k)})
-    return out
-
-
-def run_of(kind):
-    """The grid record of a job of this kind of rule, from its wildcards."""
-    return lambda w: Run(kind, **{k: int(v) if k in ("k", "part", "seed") else v
-                                  for k, v in w.items()})
-
-
 def adapter_files(w, scheme=None):
     runs = PLAN.adapters(w.kg, w.k, scheme or w.scheme, w.model)
     return [PLAN.path(r, "adapter/adapter.safetensors") for r in runs]
@@ -117,3 +90,19 @@ def task_files(task):
     """The official data files a task's prepare step reads (those present, in a dry run)."""
     files = data_files(task, PLAN.task_data_options(task))
     return [str(p) for p in files if not DRY_RUN or p.is_file()]
+
+
+def files_in(kind, *names):
+    """Output files of a rule: names in the folder of a kind of run (mop.plan.LAYOUTS)."""
+    return [pattern(kind, name, R) for name in names]
+
+
+FINETUNE = ["metrics.json", "predictions.parquet"]
+
+
+def finetune_inputs(w):
+    """Every run reads its task's splits and their tokens for its model's tokenizer."""
+    return {
+        "task": PLAN.path(Run("task", task=w.task), "summary.json"),
+        "encoded": PLAN.path(PLAN.encoded(w.task, w.model), "encoding.json"),
+    }

@@ -3,32 +3,37 @@
 
 rule task_probe:
     input:
-        entities=lambda w: PLAN.path(Run("kg", kg=config["tasks"]["probe"]["kg"]),
-                                     "entities.parquet"),
+        entities=lambda w: PLAN.path(
+            Run("kg", kg=config["tasks"]["probe"]["kg"]), "entities.parquet"
+        ),
         membership=lambda w: PLAN.path(
-            Run("partition", kg=config["tasks"]["probe"]["kg"], k=config["tasks"]["probe"]["k"],
-                scheme="metis"),
+            Run(
+                "partition",
+                kg=config["tasks"]["probe"]["kg"],
+                k=config["tasks"]["probe"]["k"],
+                scheme="metis",
+            ),
             "membership.parquet",
         ),
     output:
-        multiext(
-            pattern("task", "", R) + "/",
+        files_in(
+            "task",
             "train.parquet",
             "dev.parquet",
             "test.parquet",
             "summary.json",
         ),
+    log:
+        log_pattern("task", R),
     wildcard_constraints:
         task="probe",
+    conda:
+        "../envs/mop.yaml"
     params:
         options=lambda w: as_json(PLAN.task_data_options("probe")),
         kg=lambda w, input: os.path.dirname(input.entities),
         partition=lambda w, input: os.path.dirname(input.membership),
         out=lambda w, output: os.path.dirname(output[0]),
-    conda:
-        "../envs/mop.yaml"
-    log:
-        log_pattern("task", R),
     shell:
         "mop task --kg {params.kg} --partition {params.partition}"
         " --options {params.options:q} --out {params.out} 2> {log:q}"
@@ -38,22 +43,22 @@ rule task_data:
     input:
         lambda w: task_files(w.task),
     output:
-        multiext(
-            pattern("task", "", R) + "/",
+        files_in(
+            "task",
             "train.parquet",
             "dev.parquet",
             "test.parquet",
             "summary.json",
         ),
+    log:
+        log_pattern("task", R),
     wildcard_constraints:
         task="hoc|bioasq7b|bioasq8b|mednli|medqa",
+    conda:
+        "../envs/mop.yaml"
     params:
         options=lambda w: as_json(PLAN.task_data_options(w.task)),
         out=lambda w, output: os.path.dirname(output[-1]),
-    conda:
-        "../envs/mop.yaml"
-    log:
-        log_pattern("task", R),
     shell:
         "mop task --options {params.options:q} --out {params.out} 2> {log:q}"
 
@@ -79,51 +84,40 @@ rule encode:
         pattern("task", "summary.json", R),
     output:
         pattern("encoded", "encoding.json", R),
+    log:
+        log_pattern("encoded", R),
+    conda:
+        "../envs/mop.yaml"
+    resources:
+        **PLAN.resources("tokenize"),
     params:
         models=models_json,
         task_dir=lambda w, input: os.path.dirname(input[0]),
         out=lambda w, output: os.path.dirname(output[0]),
-    resources:
-        **stage_resources("tokenize"),
-    conda:
-        "../envs/mop.yaml"
-    log:
-        log_pattern("encoded", R),
     shell:
         "mop encode --task-dir {params.task_dir} --models {params.models:q}"
         " --out {params.out} 2> {log:q}"
-
-
-FINETUNE = ["metrics.json", "predictions.parquet"]
-
-
-def finetune_inputs(w):
-    """Every run reads its task's splits and their tokens for its model's tokenizer."""
-    return {
-        "task": PLAN.path(Run("task", task=w.task), "summary.json"),
-        "encoded": PLAN.path(PLAN.encoded(w.task, w.model), "encoding.json"),
-    }
 
 
 rule finetune_base:
     input:
         unpack(finetune_inputs),
     output:
-        multiext(pattern("base", "", R) + "/", *FINETUNE),
+        files_in("base", *FINETUNE),
+    log:
+        log_pattern("base", R),
+    conda:
+        "../envs/mop.yaml"
+    threads: PLAN.resource("finetune", "threads")
+    resources:
+        **PLAN.resources("finetune"),
     params:
-        options=lambda w: as_json(PLAN.finetune_options(run_of("base")(w))),
+        options=lambda w: as_json(PLAN.finetune_options(Run.of("base", w))),
         models=models_json,
         task_dir=lambda w: PLAN.task_folder(w.task, w.seed),
         encoded=lambda w: PLAN.encoded_folder(w.task, w.model, w.seed),
         adapters="",
         out=lambda w, output: os.path.dirname(output[0]),
-    threads: res("finetune", "threads")
-    resources:
-        **stage_resources("finetune"),
-    conda:
-        "../envs/mop.yaml"
-    log:
-        log_pattern("base", R),
     shell:
         "mop finetune --task-dir {params.task_dir} --encoded {params.encoded} {params.adapters}"
         " --models {params.models:q} --options {params.options:q} --threads {threads}"
@@ -135,21 +129,21 @@ use rule finetune_base as finetune_mop with:
         unpack(finetune_inputs),
         adapters=adapter_files,
     output:
-        multiext(pattern("mop", "", R) + "/", *FINETUNE, "mixture.parquet"),
-    params:
-        options=lambda w: as_json(PLAN.finetune_options(run_of("mop")(w))),
-        adapters=lambda w, input: f"--adapters {folders(input.adapters)}",
+        files_in("mop", *FINETUNE, "mixture.parquet"),
     log:
         log_pattern("mop", R),
+    params:
+        options=lambda w: as_json(PLAN.finetune_options(Run.of("mop", w))),
+        adapters=lambda w, input: f"--adapters {folders(input.adapters)}",
 
 
 use rule finetune_mop as finetune_oracle with:
     output:
-        multiext(pattern("oracle", "", R) + "/", *FINETUNE),
-    params:
-        options=lambda w: as_json(PLAN.finetune_options(run_of("oracle")(w))),
+        files_in("oracle", *FINETUNE),
     log:
         log_pattern("oracle", R),
+    params:
+        options=lambda w: as_json(PLAN.finetune_options(Run.of("oracle", w))),
 
 
 use rule finetune_mop as finetune_adapter with:
@@ -157,11 +151,11 @@ use rule finetune_mop as finetune_adapter with:
         unpack(finetune_inputs),
         adapters=lambda w: adapter_files(w)[int(w.part) : int(w.part) + 1],
     output:
-        multiext(pattern("single", "", R) + "/", *FINETUNE),
-    params:
-        options=lambda w: as_json(PLAN.finetune_options(run_of("single")(w))),
+        files_in("single", *FINETUNE),
     log:
         log_pattern("single", R),
+    params:
+        options=lambda w: as_json(PLAN.finetune_options(Run.of("single", w))),
 
 
 use rule finetune_mop as finetune_subset with:
@@ -172,11 +166,11 @@ use rule finetune_mop as finetune_subset with:
         ).output[0],
         adapters=subset_adapter_files,
     output:
-        multiext(pattern("subset", "", R) + "/", *FINETUNE, "mixture.parquet"),
-    params:
-        options=lambda w: as_json(PLAN.finetune_options(run_of("subset")(w))),
+        files_in("subset", *FINETUNE, "mixture.parquet"),
     log:
         log_pattern("subset", R),
+    params:
+        options=lambda w: as_json(PLAN.finetune_options(Run.of("subset", w))),
 
 
 rule probe_controls:
@@ -186,7 +180,14 @@ rule probe_controls:
         membership=pattern("partition", "membership.parquet", R),
         adapters=adapter_files,
     output:
-        multiext(pattern("zeroshot", "", R) + "/", "metrics.json", "baselines.json"),
+        files_in("zeroshot", "metrics.json", "baselines.json"),
+    log:
+        log_pattern("zeroshot", R),
+    conda:
+        "../envs/mop.yaml"
+    threads: PLAN.resource("finetune", "threads")
+    resources:
+        **PLAN.resources("finetune"),
     params:
         options=lambda w: as_json({"relation": config["tasks"]["probe"]["relation"]}),
         models=models_json,
@@ -197,13 +198,6 @@ rule probe_controls:
             os.path.dirname(os.path.dirname(a)) for a in input.adapters
         ),
         out=lambda w, output: os.path.dirname(output[0]),
-    threads: res("finetune", "threads")
-    resources:
-        **stage_resources("finetune"),
-    conda:
-        "../envs/mop.yaml"
-    log:
-        log_pattern("zeroshot", R),
     shell:
         "mop probe-controls --task-dir {params.task_dir} --kg {params.kg}"
         " --partition {params.partition} --adapters {params.adapters}"

@@ -14,16 +14,16 @@ for name, rep in REPORTS.items():
                 category=rep.category,
             ),
             *rep.files(R)[1:],
+        log:
+            f"{R}/logs/{rep.target}.log",
+        conda:
+            "../envs/mop.yaml"
         params:
             what=lambda w, rep=rep: rep.name,
             files=lambda w, input: " ".join(
                 f"--{arg} {' '.join(map(shlex.quote, input[arg]))}" for arg in input.keys()
             ),
             out=lambda w, output: os.path.splitext(output[0])[0],
-        conda:
-            "../envs/mop.yaml"
-        log:
-            f"{R}/logs/{rep.target}.log",
         shell:
             "mop report {params.what} {params.files} --out {params.out} 2> {log:q}"
 
@@ -33,11 +33,11 @@ rule publish:
         lambda w: report_targets(PLAN),
     output:
         f"{R}/report/run.json",
-    params:
-        results=lambda w, output: os.path.dirname(os.path.dirname(output[0])),
-    conda:
-        "../envs/mop.yaml"
     log:
         f"{R}/logs/report/publish.log",
+    conda:
+        "../envs/mop.yaml"
+    params:
+        results=lambda w, output: os.path.dirname(os.path.dirname(output[0])),
     shell:
         "mop publish --results {params.results} --artifacts {input} 2> {log:q}"

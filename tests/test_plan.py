@@ -1,0 +1,173 @@
+"""The results grammar and the run grid, without Snakemake."""
+
+import copy
+
+import pytest
+import yaml
+
+from mop.config import validate_config
+from mop.errors import MopError
+from mop.plan import LAYOUTS, Plan, Run, log_pattern, pattern, scheme_name
+from tests.conftest import REPO
+
+EXAMPLES = {
+    "kg": {"kg": "hpo-demo"},
+    "partition": {"kg": "sfull", "k": 20, "scheme": "shuffle0.2"},
+    "tokens": {"kg": "sfull", "model": "pubmedbert"},
+    "adapter": {"kg": "sfull", "k": 20, "scheme": "metis", "model": "scibert", "part": 7},
+    "task": {"task": "medqa"},
+    "encoded": {"task": "pubmedqa", "tokenizer": "biobert", "length": 512},
+    "base": {"task": "hoc", "model": "biobert", "seed": 3},
+    "single": {
+        "task": "probe",
+        "model": "m",
+        "kg": "g",
+        "k": 4,
+        "scheme": "metis",
+        "part": 2,
+        "seed": 0,
+    },
+    "mop": {
+        "task": "bioasq7b",
+        "model": "m",
+        "mixture": "gumbel-t0.5",
+        "kg": "kg",
+        "k": 20,
+        "scheme": "metis",
+        "seed": 9,
+    },
+    "subset": {
+        "task": "probe",
+        "model": "m",
+        "mixture": "moe-k2",
+        "kg": "g",
+        "k": 4,
+        "scheme": "metis",
+        "subset": "top2",
+        "seed": 1,
+    },
+    "oracle": {"task": "probe", "model": "m", "kg": "g", "k": 4, "scheme": "metis", "seed": 0},
+    "zeroshot": {"task": "probe", "model": "m", "kg": "g", "k": 4, "scheme": "metis", "seed": 0},
+    "selection": {"task": "probe", "model": "m", "kg": "g", "k": 4, "scheme": "metis"},
+    "topics": {"kg": "g", "k": 4, "scheme": "metis"},
+}
+
+
+def test_every_layout_has_an_example():
+    assert set(EXAMPLES) == set(LAYOUTS)
+
+
+@pytest.mark.parametrize("kind", list(EXAMPLES))
+def test_folders_parse_back_to_their_run(kind):
+    run = Run(kind, **EXAMPLES[kind])
+    folder = run.folder("out/results")
+    assert Run.parse(folder) == run
+    assert Run.parse(f"{folder}/metrics.json") == run  # a file below it
+    assert Run.parse(f"/abs/{folder}/adapter/adapter.safetensors") == run
+    assert Run.root(folder) == "out/results"
+    assert run.log("out/results") == f"out/results/logs/{folder.removeprefix('out/results/')}.log"
+    assert pattern(kind, "", "r").count("{") == len(EXAMPLES[kind])
+    assert log_pattern(kind, "r").startswith("r/logs/")
+
+
+def test_a_kg_named_like_a_stage_is_still_a_kg():
+    run = Run("partition", kg="kg", k=4, scheme="metis")
+    assert run.folder() == "results/partition/kg/k4-metis"
+    assert Run.parse(run.folder()) == run
+
+
+def test_tags_and_names():
+    run = Run("subset", **EXAMPLES["subset"])
+    assert run.method == "mop" and run.stage == "finetune"
+    assert run.tags() == {
+        "stage": "finetune",
+        "method": "mop",
+        "task": "probe",
+        "model": "m",
+        "mixture": "moe-k2",
+        "kg": "g",
+        "k": "4",
+        "scheme": "metis",
+        "subset": "top2",
+        "seed": "1",
+    }
+    assert run.name() == "finetune probe m mop-moe-k2 g k4-metis subset-top2 seed1"
+    adapter = Run("adapter", **EXAMPLES["adapter"])
+    assert adapter.tags()["partition"] == "7" and adapter.name().startswith("pretrain sfull")
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["results/finetune/probe/m/mop-moe-x/g/k4-metis/seed0", "results/nothing/here", "x"],
+)
+def test_what_is_not_a_run_folder_is_an_error(path):
+    with pytest.raises(MopError, match="not a folder of the results layout"):
+        Run.parse(path)
+
+
+def test_scheme_names_round_trip_through_the_grammar():
+    for rate in (0.1, 0.2, 1.0):
+        run = Run("partition", kg="g", k=2, scheme=scheme_name(rate))
+        assert Run.parse(run.folder()).scheme == f"shuffle{rate!r}"
+
+
+def _paper() -> Plan:
+    config = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    return Plan(validate_config(config))
+
+
+def test_the_papers_grid_without_snakemake():
+    plan = _paper()
+    assert len(plan.base_runs()) == 3 * (5 + 10 + 10 + 10 + 3 + 3) == 123
+    assert len(plan.mop_runs()) == 2 * 123
+    assert len(plan.partitions()) == 2 * 6
+    assert len(plan.adapter_runs()) == 2 * 3 * 20
+    assert plan.task_folder("pubmedqa", 7) == "results/tasks/pubmedqa/fold7"
+    assert plan.encoded_folder("pubmedqa", "biobert", 7) == (
+        "results/encoded/pubmedqa/biobert/len512/fold7"
+    )
+
+
+def test_each_fine_tuning_run_gets_only_the_keys_it_reads():
+    plan = _paper()
+    base = plan.finetune_options(Run("base", task="hoc", model="scibert", seed=0))
+    mop = plan.finetune_options(plan.mop_runs()[0])
+    assert base["lr"] == 2e-5 and base["batch_size"] == 32  # the task's own settings
+    for grid_key in ("seeds", "tasks", "methods", "kgs", "mixtures", "k"):
+        assert grid_key not in base and grid_key not in mop
+    assert "lr_fusion" not in base and "lr_adapters" not in base and "gumbel_tau" not in base
+    assert {"lr_fusion", "lr_adapters", "gumbel_tau", "moe_balance"} <= set(mop)
+    # the model entries of one job, not the whole models section
+    assert set(plan.model_entries("scibert")) == {"scibert"}
+
+
+def test_options_do_not_move_when_the_grid_grows():
+    plan = _paper()
+    run = Run("base", task="hoc", model="scibert", seed=0)
+    before = plan.finetune_options(run)
+    grown = copy.deepcopy(plan.config)
+    grown["finetune"]["seeds"] = [0, 1, 2, 3]
+    grown["finetune"]["mixtures"] = ["softmax", "gumbel"]
+    grown["tasks"]["hoc"]["finetune"]["seeds"] = [0, 1, 2, 3, 4, 5]
+    grown["base_models"].append("extra")
+    grown["models"]["extra"] = {"hub": "x/y", "download": True, "trust_remote_code": False}
+    grown["experiment"] = "other"
+    grown["resources"] = {"finetune": {"threads": 4, "gpus": 2}}
+    after = Plan(grown)
+    assert after.finetune_options(run) == before
+    assert after.pretrain_options() == plan.pretrain_options()
+    assert after.partition_options() == plan.partition_options()
+    assert after.model_entries("scibert") == plan.model_entries("scibert")
+
+
+def test_gpus_go_to_training_stages_only():
+    plan = _paper()
+    assert plan.resources("finetune")["gpu"] == 1 and plan.resources("pretrain")["gpu"] == 1
+    for stage in ("kg", "partition", "tokenize", "report"):
+        assert "gpu" not in plan.resources(stage)
+    config = copy.deepcopy(plan.config)
+    config["resources"]["finetune"] |= {"gpu_model": "a100", "cpus_per_gpu": 4}
+    config["resources"]["default"] = {"slurm_partition": "cpu"}
+    res = Plan(config).resources("finetune")
+    assert res["gpu_model"] == "a100" and res["cpus_per_gpu"] == 4
+    assert res["slurm_partition"] == "cpu" and res["mem_mb"] == 32000
