@@ -244,8 +244,9 @@ def test_compiled_training_runs_on_the_cpu(
 ):
     """`runtime.compile`: the training forward through torch.compile (inductor on the CPU;
     a minute or more to compile). Its dropout draws from another generator, so the check
-    is that it trains, not that it matches the eager run bit for bit."""
-    from mop.training import Runtime
+    is that gradients flow through the compiled forward and the adapter trains, not that
+    it matches the eager run bit for bit."""
+    from mop.training import Runtime, seed_all
 
     data = load_partition_data(small_tokens, small_partition, small_kg, 0)
     cfg = PretrainConfig(epochs=1, lr=1e-3, batch_size=32, max_steps=4, log_every=1)
@@ -253,6 +254,9 @@ def test_compiled_training_runs_on_the_cpu(
         tiny_spec, data, cfg, tmp_path, runtime=Runtime.create("cpu", "fp32", 2, compile=True)
     )
     assert m["runtime"]["compile"] is True and m["steps"] == 4
-    losses = [p["loss"] for p in m["loss_curve"]]
-    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
-    assert (tmp_path / "adapter" / "adapter.safetensors").is_file()
+    assert all(np.isfinite([p["loss"] for p in m["loss_curve"]]))
+    seed_all(cfg.seed)
+    start = build_adapter_model(tiny_spec, "knowledge", 8).state_dict()
+    trained = load_file(tmp_path / "adapter" / "adapter.safetensors")
+    moved = [k for k, v in trained.items() if not torch.equal(v, start[k])]
+    assert moved and len(moved) == len(trained)
