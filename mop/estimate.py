@@ -10,9 +10,11 @@ no data needed; missing inputs are listed as warnings), then sizes every trainin
   every assumption is listed in the output.
 - FLOPs per token, from the model's shape (its config.json, read offline; BERT-base when
   unknown): 2 FLOPs per multiply-add of every weight the token meets (the encoder, the K
-  adapters and the fusion of MoP, the head) plus attention (4 x length x hidden per layer),
+  adapters, and MoP's fusion with its key and value projections on every adapter's
+  output, which at K = 20 make a MoP run 4.4 times BERT-base per token) plus attention,
   times 3 for a training step; a frozen base model (pretraining) skips its weight
-  gradients (one third of its share). Evaluation passes count one forward each.
+  gradients (one third of its share). Evaluation passes count one forward each. The
+  same count as `benchmarks/finetune_throughput.py --gpu` uses for its MFU.
 - GPU-hours = FLOPs / (the card's dense bf16 peak x model FLOPs utilisation). The
   utilisation comes from a measured benchmark JSON line when given
   (`benchmarks/finetune_throughput.py --gpu`, field `mfu`), else 0.30 (assumed, stated).
@@ -172,13 +174,21 @@ def model_shape(alias: str, models: dict[str, Any]) -> Shape:
 def train_flops_per_token(
     shape: Shape, tokens: float, adapters: int, rf: int, fusion: bool, frozen_base: bool
 ) -> tuple[float, float]:
-    """(training, evaluation) FLOPs per token of one sequence of `tokens` tokens."""
-    d = shape.hidden
-    base = shape.layers * shape.encoder_weights()
-    extra = shape.layers * (adapters * 2 * d * max(d // rf, 1) + (3 * d * d if fusion else 0))
-    attention = shape.layers * 4 * tokens * d
-    forward = 2 * (base + extra) + attention
-    train = 3 * forward - (2 * base if frozen_base else 0)
+    """(training, evaluation) FLOPs per token of one sequence of `tokens` tokens.
+
+    Per layer, the multiply-adds a token meets: the encoder's weights (4 h^2 + 2 h i),
+    each adapter's down and up projections (2 h h / r), AdapterFusion's query on the hidden
+    state and its key and value on each of the N adapter outputs ((1 + 2N) h^2, "dynamic"
+    fusion), attention over the sequence (2 S h) and the fusion's scores and mixture over
+    the adapters (2 N h). A forward is 2 FLOPs per multiply-add, a training step 3
+    forwards; a frozen base model (pretraining) skips its weight gradients.
+    """
+    d, n = shape.hidden, adapters
+    base = shape.encoder_weights()
+    extra = n * 2 * d * max(d // rf, 1) + ((1 + 2 * n) * d * d + 2 * n * d if fusion else 0)
+    attention = 2 * tokens * d
+    forward = 2 * shape.layers * (base + extra + attention)
+    train = 3 * forward - (2 * shape.layers * base if frozen_base else 0)
     return train, forward
 
 

@@ -8,17 +8,25 @@ from mop.estimate import Shape, estimate, measured_mfu, train_flops_per_token
 
 def test_flops_per_token_by_hand():
     shape = Shape(layers=2, hidden=8, intermediate=32, source="config")
-    # per layer: attention 4 * 64 + feed-forward 2 * 8 * 32 = 768 weights; 2 layers: 1536
+    # per layer: attention 4 * 64 + feed-forward 2 * 8 * 32 = 768 weights
     train, forward = train_flops_per_token(shape, 10, 0, 8, False, frozen_base=False)
-    attention = 2 * 4 * 10 * 8  # 2 layers x 4 x length x hidden
-    assert forward == 2 * 1536 + attention == 3712
+    attention = 2 * 10 * 8  # 2 x length x hidden multiply-adds per layer
+    assert forward == 2 * 2 * (768 + attention) == 3712
     assert train == 3 * forward
-    # MoP: 3 adapters (2 * 8 * 1 weights each) and a fusion (3 * 64) in each of 2 layers
+    # MoP: 3 adapters (2 * 8 * 1 each), fusion query + 3 keys + 3 values (7 * 64) and its
+    # scores and mixture (2 * 3 * 8), in each of 2 layers
     train, forward = train_flops_per_token(shape, 10, 3, 8, True, frozen_base=False)
-    assert forward == 2 * (1536 + 2 * (3 * 16 + 192)) + attention
+    assert forward == 2 * 2 * (768 + 3 * 16 + 7 * 64 + 48 + attention)
     # a frozen base model computes no gradients for its own weights
     train, forward = train_flops_per_token(shape, 10, 1, 8, False, frozen_base=True)
-    assert train == 3 * forward - 2 * 1536
+    assert train == 3 * forward - 2 * 2 * 768
+
+
+def test_mop_at_k20_costs_four_times_bert_base_per_token():
+    bert = Shape(12, 768, 3072, "config")
+    base = train_flops_per_token(bert, 512, 0, 8, False, False)[0]
+    mop = train_flops_per_token(bert, 512, 20, 8, True, False)[0]
+    assert mop / 1e9 == pytest.approx(2.52, abs=0.01) and mop / base == pytest.approx(4.4, abs=0.1)
 
 
 def test_hours_follow_the_card_and_utilisation(models):
