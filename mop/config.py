@@ -144,6 +144,15 @@ def check_analysis(config: dict[str, Any]) -> None:
                 f"config key analysis.tasks: {task} is not in finetune.tasks {ft['tasks']}"
             )
     k = ft["k"]
+    if an["rank_by"] == "train" and (an["single_adapters"] or an["subsets"]):
+        off = [
+            t for t in an.get("tasks") or ft["tasks"] if not task_training(config, t)["eval_train"]
+        ]
+        if off:
+            raise MopError(
+                f"config key analysis.rank_by: train ranks by the training split's metric, "
+                f"but finetune.eval_train is false for {', '.join(off)}"
+            )
     for name, rule in an["subsets"].items():
         [(how, value)] = rule.items()
         if how in ("top", "bottom"):

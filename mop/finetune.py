@@ -82,6 +82,7 @@ class FinetuneConfig:
     head: str = "linear"  # "linear", or "bilinear" (query x candidate; tasks with a candidate)
     max_grad_norm: float | None = None
     eval_batch_size: int = 64
+    eval_train: bool = True  # also predict the training split at the end (its metric)
     checkpoint_every: int = 500  # steps; 0: only at epoch ends
     seed: int = 0
     save_model: bool = True
@@ -90,7 +91,7 @@ class FinetuneConfig:
 
 # Settings that change how a run executes, not what it computes: a checkpoint written
 # under other values still resumes.
-EXECUTION_KEYS = ("grad_accum", "eval_batch_size", "checkpoint_every", "save_model")
+EXECUTION_KEYS = ("grad_accum", "eval_batch_size", "checkpoint_every", "save_model", "eval_train")
 
 
 def check_labels(task: TaskSpec, split: EncodedSplit, path: Path) -> None:
@@ -608,6 +609,8 @@ def finetune(
     frames = []
     mixture = None
     for s in SPLITS:
+        if s == "train" and not cfg.eval_train:
+            continue
         if s == "dev":  # the best epoch's own dev pass: the same weights, the same probs
             probs, mix = np.asarray(state["best_dev"], dtype=np.float32), None
         else:

@@ -228,6 +228,7 @@ TRAINING_KEYS = (
     "head",
     "max_grad_norm",
     "eval_batch_size",
+    "eval_train",
     "checkpoint_every",
     "save_model",
 )

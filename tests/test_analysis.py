@@ -420,11 +420,20 @@ def _config(analysis: dict) -> dict:
             "config key analysis.subsets.mine.partitions: 2 is not a partition",
         ),
         ({"tasks": ["hoc"]}, "config key analysis.tasks: hoc is not in"),
+        (
+            {"single_adapters": True, "rank_by": "train", "eval_train": False},
+            "config key analysis.rank_by: train ranks by the training split's metric, but "
+            "finetune.eval_train is false for probe",
+        ),
     ],
 )
 def test_bad_analysis_configs(analysis, message):
+    analysis = dict(analysis)
+    eval_train = analysis.pop("eval_train", True)
+    config = _config(analysis)
+    config["finetune"]["eval_train"] = eval_train
     with pytest.raises(MopError, match=re.escape(message)):
-        check_analysis(_config(analysis))
+        check_analysis(config)
 
 
 @pytest.mark.parametrize(

@@ -558,3 +558,11 @@ def test_fine_tuning_runs_on_cuda(method, tiny_spec, tiny_adapters, pair_probe_d
     assert m["runtime"]["device"].startswith("cuda") and m["runtime"]["peak_memory_mb"] > 0
     assert m["history"][-1]["train_loss"] < m["history"][0]["train_loss"]
     assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_eval_train_false_skips_the_training_split_pass(tiny_spec, probe_dir, tmp_path):
+    cfg = FinetuneConfig(epochs=1, batch_size=8, lr=5e-4, save_model=False, eval_train=False)
+    m = finetune(tiny_spec, TASK, probe_dir, "base", [], cfg, tmp_path)
+    assert "train_accuracy" not in m and "dev_accuracy" in m and "test_accuracy" in m
+    splits = pl.read_parquet(tmp_path / "predictions.parquet")["split"].unique().sort()
+    assert splits.to_list() == ["dev", "test"]
