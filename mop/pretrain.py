@@ -199,8 +199,15 @@ def load_partition_data(
     entities = members.select("entity", "local").join(names, on="entity").sort("local")
     heldout = np.zeros(df.height, dtype=bool)
     if heldout_share > 0:
+        # Hold out facts, not examples: both directions of a triple (with bidirectional)
+        # go together, so a held-out fact's reverse never stays in training.
+        fact = (
+            df.select(pl.struct("head", "relation", "tail").rank("dense") - 1)
+            .to_series()
+            .to_numpy()
+        )
         rng = np.random.default_rng(seed)
-        heldout[rng.random(df.height) < heldout_share] = True
+        heldout = (rng.random(int(fact.max()) + 1) < heldout_share)[fact]
     types = df["token_type_ids"] if "token_type_ids" in df.columns else None
     return PartitionData(
         Sequences.from_series(df["input_ids"], types),

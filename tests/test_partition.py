@@ -14,6 +14,7 @@ from mop.kg import write_kg
 from mop.kg.hpo import load_hpo
 from mop.partition import (
     entity_graph,
+    metis_partition,
     partition_graph,
     run_partition,
     shuffle_membership,
@@ -376,3 +377,20 @@ def test_whole_hpo_metis_keeps_five_times_random():
     rand = partition_graph(kg.triples, kg.num_entities, 20, seed=1, shuffle=1.0)
     ratio = metis.stats["triples_retained"] / rand.stats["triples_retained"]
     assert ratio >= 5, ratio
+
+
+def test_metis_is_k_way_for_small_k_too():
+    """pymetis would bisect recursively for K <= 8; the paper's METIS is k-way for every K."""
+    import pymetis
+
+    adj = entity_graph(planted_graph(n_comm=4, size=60, p_in=0.1, p_out=0.03, seed=3), 240)
+    idx = pymetis.zero_copy_dtype()
+    graph = pymetis.CSRAdjacency(adj.indptr.astype(idx), adj.indices.astype(idx))
+    options = pymetis.Options(seed=1, ufactor=30)
+    kway = np.asarray(pymetis.part_graph(4, graph, options=options, recursive=False)[1])
+    bisect = np.asarray(pymetis.part_graph(4, graph, options=options, recursive=True)[1])
+    assert not np.array_equal(kway, bisect)  # the two methods differ on this graph
+    ours, _ = metis_partition(adj, 4, seed=1)
+    np.testing.assert_array_equal(ours, kway)
+    asked, _ = metis_partition(adj, 4, seed=1, recursive=True)
+    np.testing.assert_array_equal(asked, bisect)

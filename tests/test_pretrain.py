@@ -260,3 +260,19 @@ def test_compiled_training_runs_on_the_cpu(
     trained = load_file(tmp_path / "adapter" / "adapter.safetensors")
     moved = [k for k, v in trained.items() if not torch.equal(v, start[k])]
     assert moved and len(moved) == len(trained)
+
+
+def test_a_held_out_fact_keeps_its_reverse_out_of_training(
+    small_kg, small_partition, tiny_spec, tmp_path
+):
+    """With bidirectional examples, holding out (h, r, t) holds out (r, t) -> h too."""
+    from mop.pretrain import tokenize_kg
+
+    tokens = tmp_path / "both.parquet"
+    tokenize_kg(small_kg, tiny_spec, tokens, bidirectional=True)
+    data = load_partition_data(tokens, small_partition, small_kg, 1, heldout_share=0.3, seed=2)
+    n = len(data.seqs) // 2  # rows: every fact forwards, then the same facts backwards
+    assert len(data.seqs) == 2 * n and 0.2 < data.heldout.mean() < 0.4
+    np.testing.assert_array_equal(data.heldout[:n], data.heldout[n:])
+    table = pl.read_parquet(tokens)
+    assert (table["direction"] == 1).sum() == (table["direction"] == 0).sum()

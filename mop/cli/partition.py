@@ -21,6 +21,7 @@ def cmd_partition(args: argparse.Namespace) -> None:
         seed=o.get("seed", 1),
         ufactor=o.get("ufactor", 30),
         weighted=o.get("weighted", False),
+        recursive=o.get("recursive", False),
         shuffle=scheme_rate(run.scheme),
         given=args.given,
     )
