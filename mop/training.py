@@ -5,7 +5,7 @@ script; what they have in common lives here, so that the two cannot drift apart:
 
 - `Runtime`: where and how the model runs - device (`auto`, `cpu`, `cuda`, `cuda:N`),
   bf16 autocast and TF32 on CUDA, CPU threads, optional `torch.compile`, pinned
-  host-to-device copies;
+  host-to-device copies, a malloc that keeps freed buffers (`keep_freed_memory`);
 - `param_groups` / `Runtime.optimizer`: AdamW with no weight decay on biases and
   LayerNorm weights, one learning rate per model part, fused kernel (CPU and CUDA);
 - `accumulate` and `optimizer_step`: one optimisation step over `grad_accum` micro-batches
@@ -22,6 +22,7 @@ script; what they have in common lives here, so that the two cannot drift apart:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -94,6 +95,7 @@ class Runtime:
             )
         dev = resolve_device(device)
         torch.set_num_threads(max(1, threads))
+        keep_freed_memory()
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -148,6 +150,25 @@ class Runtime:
         if not self.cuda:
             return None
         return torch.cuda.max_memory_allocated(self.device) / 2**20
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed buffers instead of returning them to the system.
+
+    By default a buffer of more than a few MB (activations, gradients) is mmapped when
+    allocated and unmapped when freed, so every training step faults its memory in again
+    page by page: on a MiniLM step at 8 x 400 tokens that was a fifth of the time, in the
+    kernel. Keeping freed memory in the heap (what jemalloc or tcmalloc do) removes it.
+    Returns whether the setting took (glibc on Linux only; elsewhere nothing changes).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 1 << 30)
+        ok = ok and libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+    except (OSError, AttributeError):
+        return False
+    return bool(ok)
 
 
 def seed_all(seed: int) -> None:

@@ -208,3 +208,13 @@ def test_sigterm_only_asks_the_loop_to_stop():
             time.sleep(0.01)
         assert stop.requested
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_freed_memory_is_kept_where_glibc_allows_it():
+    import platform
+
+    from mop.training import keep_freed_memory
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's mallopt only")
+    assert keep_freed_memory() is True
