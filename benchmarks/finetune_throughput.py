@@ -30,11 +30,12 @@ that, `baseline_attention` says which) and with SDPA, the attention ours uses
 the CPU, in training, SDPA with attention dropout runs PyTorch's math fallback, so the two
 baselines differ little there.)
 
-The three sides are built first, then their steps run interleaved, round-robin, in an
-order that rotates every round; each side's rate is its examples over the sum of its own
-steps' times (a baseline step includes fetching its batch: tokenizing and collating). On
-a shared machine whatever else runs slows all three alike; the 1-minute load average at
-the start and the end is in the JSON.
+Each side runs in its own process (the mop runtime keeps freed buffers in glibc's heap,
+a process-wide setting the original recipe did not have), one after the other in an order
+that rotates every round (`--rounds`, 2 by default); each side's rate is its examples over
+the sum of its own steps' times (a baseline step includes fetching its batch: tokenizing
+and collating), after one untimed warm-up step. The 1-minute load average at the start and
+the end is in the JSON: run it on a quiet machine.
 
 Inputs are PubMedQA-shaped. The fixture tests/fixtures/tasks/pubmedqa/ori_pqal.json has
 the real schema but short synthetic texts (about 51 MiniLM tokens per example), while
@@ -100,6 +101,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -325,42 +327,83 @@ def same_tokens(split: EncodedSplit, frame: pl.DataFrame, tok: Any, max_length: 
             raise RuntimeError(f"example {i}: baseline and ours see different tokens")
 
 
-def cpu_section(args: argparse.Namespace) -> dict[str, Any]:
+SIDES = ("ours", "baseline", "baseline_sdpa")
+
+
+def cpu_side(args: argparse.Namespace) -> dict[str, Any]:
+    """One side's steps in this process: `ours` through the mop runtime (which also tunes
+    the process's malloc), the baselines with plain torch settings."""
+    cfg = cpu_config(args)
+    spec = resolve_model("minilm-l6", MODELS)
+    tok = load_tokenizer(spec)
+    pad_id = tok.pad_token_id
+    frame = pubmedqa_shaped(FIXTURE, args.examples, seed=0)
+    split = encode(frame, tok, cfg.max_length)
+    if args.side == "ours":
+        side: Any = Ours(spec, split, cfg, Runtime.create("cpu", "fp32", args.threads), pad_id)
+    else:
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(cfg.seed)
+        model, _ = build_classifier(spec, SPEC, "base", [], cfg)
+        initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        attention = "eager" if args.side == "baseline" else "sdpa"
+        side = Baseline(spec, frame, cfg, initial, attention)
+    steps = len(bucketed_batches(split.lengths, cfg.batch_size, cfg.seed, 0))
+    run = interleaved({args.side: side}, steps, pad_id)[args.side]
+    return run | {"attention": side.attention, "steps": steps}
+
+
+def cpu_config(args: argparse.Namespace) -> FinetuneConfig:
     cfg = CPU_CONFIG
     if args.batch_size:
         cfg = replace(cfg, batch_size=args.batch_size)
     if args.max_length:
         cfg = replace(cfg, max_length=args.max_length)
-    rt = Runtime.create("cpu", "fp32", args.threads)
+    return cfg
+
+
+def cpu_section(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = cpu_config(args)
     spec = resolve_model("minilm-l6", MODELS)
     tok = load_tokenizer(spec)
-    pad_id = tok.pad_token_id
     frame = pubmedqa_shaped(FIXTURE, args.examples, seed=0)
     tick = time.perf_counter()
     split = encode(frame, tok, cfg.max_length)
     tokenize_s = time.perf_counter() - tick
     same_tokens(split, frame, tok, cfg.max_length)
     lengths = split.seqs.lengths
+    batches = bucketed_batches(split.lengths, cfg.batch_size, cfg.seed, 0)
     load = os.getloadavg()[0]
-    ours = Ours(spec, split, cfg, rt, pad_id)
-    sides = {
-        "ours": ours,
-        "baseline": Baseline(spec, frame, cfg, ours.initial, "eager"),
-        "baseline_sdpa": Baseline(spec, frame, cfg, ours.initial, "sdpa"),
-    }
-    steps = len(ours.batches)
-    runs = interleaved(sides, steps, pad_id)
-    rate = {name: len(split) / run["seconds"] for name, run in runs.items()}
+    seconds = dict.fromkeys(SIDES, 0.0)
+    runs: dict[str, dict[str, Any]] = {}
+    for r in range(args.rounds):
+        for name in SIDES[r % 3 :] + SIDES[: r % 3]:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--side",
+                name,
+                "--examples",
+                str(args.examples),
+                "--threads",
+                str(args.threads),
+            ]
+            cmd += ["--batch-size", str(cfg.batch_size), "--max-length", str(cfg.max_length)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            seconds[name] += runs[name]["seconds"]
+    rate = {name: args.rounds * len(split) / seconds[name] for name in SIDES}
     return {
         "benchmark": "finetune_throughput",
         "model": "all-MiniLM-L6-v2",
         "method": "base",
         "task": "pubmedqa-shaped (3 classes)",
         "examples": len(split),
-        "steps": steps,
+        "steps": len(batches),
+        "rounds": args.rounds,
         "batch_size": cfg.batch_size,
         "max_length": cfg.max_length,
-        "threads": torch.get_num_threads(),
+        "threads": args.threads,
         "precision": "fp32",
         "inputs": (
             f"fixture sentences cut to question words ~ Gamma(shape {QUESTION_SHAPE:g}, mean "
@@ -372,10 +415,10 @@ def cpu_section(args: argparse.Namespace) -> dict[str, Any]:
         "truncated_share": round(float((lengths >= cfg.max_length).mean()), 3),
         "padded_tokens_baseline": cfg.max_length,
         "ours_tokens_per_batch": round(
-            float(np.mean([lengths[i].max() * i.size for i in ours.batches])), 1
+            float(np.mean([lengths[i].max() * i.size for i in batches])), 1
         ),
-        "ours_attention": sides["ours"].attention,
-        "baseline_attention": sides["baseline"].attention,
+        "ours_attention": runs["ours"]["attention"],
+        "baseline_attention": runs["baseline"]["attention"],
         "ours_examples_per_s": round(rate["ours"], 2),
         "baseline_examples_per_s": round(rate["baseline"], 2),
         "baseline_sdpa_examples_per_s": round(rate["baseline_sdpa"], 2),
@@ -383,7 +426,10 @@ def cpu_section(args: argparse.Namespace) -> dict[str, Any]:
         "ratio_same_attention": round(rate["ours"] / rate["baseline_sdpa"], 2),
         "ours_tokenize_s": round(tokenize_s, 2),
         "mean_loss": {name: round(run["loss"], 4) for name, run in runs.items()},
-        "timing": "the three sides' steps interleaved round-robin, order rotating",
+        "timing": (
+            "each side in its own process (the mop runtime tunes malloc process-wide), "
+            "the order rotating every round"
+        ),
         "load_avg_1m": [round(load, 2), round(os.getloadavg()[0], 2)],
         "device": "cpu",
         "machine": machine(),
@@ -671,7 +717,12 @@ def main() -> None:
         "--device", default=None, help="GPU section: cuda (default), cuda:N, or cpu with --smoke"
     )
     parser.add_argument("--smoke", action="store_true", help="GPU section: a tiny model")
+    parser.add_argument("--rounds", type=int, default=2, help="CPU section: rounds of the sides")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.side:
+        print(json.dumps(cpu_side(args)))
+        return
     if not args.gpu:
         print(json.dumps(cpu_section(args)))
         return
