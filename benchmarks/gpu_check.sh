@@ -24,7 +24,7 @@ fail() {
 [[ -f workflow/Snakefile && -d benchmarks ]] ||
     fail "run me from the repository root (no workflow/Snakefile in $PWD)"
 command -v "$PYTHON" >/dev/null 2>&1 ||
-    fail "no python at $PYTHON (create the venv with 'make install' or set PYTHON=...)"
+    fail "no python at $PYTHON (make test creates .venv; or set PYTHON=...)"
 "$PYTHON" -c 'import mop' 2>/dev/null || fail "$PYTHON cannot import mop (pip install -e .)"
 
 echo "== GPUs"
