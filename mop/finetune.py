@@ -40,8 +40,9 @@ from transformers import get_linear_schedule_with_warmup
 
 from mop.batching import bucketed_batches, sequential_batches
 from mop.errors import MopError, Preempted
-from mop.fusion import MixtureConfig, add_mixture, mixture_aux_loss
+from mop.fusion import MixtureConfig, add_mixture, mixture_aux_loss, mixtures, set_context
 from mop.io import atomic_path, write_json, write_parquet
+from mop.linking import read_links
 from mop.log import log
 from mop.models import ModelSpec, load_base_model, load_tokenizer
 from mop.tasks import SPLITS, TaskSpec
@@ -156,6 +157,8 @@ class Classifier(torch.nn.Module):
         if head == "bilinear" and outputs != 2:
             raise MopError("finetune.head: bilinear scores yes/no tasks (two labels) only")
         self.head = BilinearHead(hidden) if head == "bilinear" else torch.nn.Linear(hidden, outputs)
+        # The mixture layers (a plain list: they are registered under the encoder already).
+        self.mixture_layers = mixtures(encoder)
 
     def pool(self, inputs: dict[str, torch.Tensor], **kwargs: Any) -> tuple[torch.Tensor, Any]:
         out = self.encoder(**inputs, **kwargs)
@@ -175,8 +178,11 @@ class Classifier(torch.nn.Module):
         output_mixture: bool = False,
         candidates: torch.Tensor | None = None,
         route: np.ndarray | None = None,
+        links: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.mixture_layers:
+            set_context(self.mixture_layers, attention_mask, links)
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
         kwargs = {"output_adapter_fusion_attentions": True} if output_mixture else {}
@@ -280,11 +286,8 @@ def scores_to_probs(task: TaskSpec, logits: torch.Tensor, n: int) -> torch.Tenso
 def _inputs(split: EncodedSplit, idx: np.ndarray, pad_id: int, rt: Runtime) -> dict[str, Any]:
     """A batch of examples as model keyword arguments, on the runtime's device."""
     batch: dict[str, Any] = rt.batch(split.seqs.batch(split.rows(idx), pad_id))
-    candidates, route = split.extras(idx)
-    if candidates is not None:
-        batch["candidates"] = rt.to_device(candidates)
-    if route is not None:
-        batch["route"] = route
+    for name, value in split.extras(idx).items():
+        batch[name] = rt.to_device(value) if isinstance(value, torch.Tensor) else value
     return batch
 
 
@@ -296,29 +299,51 @@ def predict(
     batch_size: int,
     fusion_name: str | None = None,
     runtime: Runtime | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Probabilities per example (and final-layer [CLS] mixture weights per sequence).
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Probabilities per example and, with a fusion, two views of the mixture weights per
+    sequence: the final layer's at [CLS] (Figure 4) and the mean over layers and real
+    tokens (what the routing loss trains).
 
     Runs on the runtime's device under inference mode; only the outputs come back."""
     rt = runtime or Runtime(next(model.parameters()).device)
     width = split.choices if task.kind == "choice" else task.head_size
     probs = np.zeros((len(split), width), dtype=np.float32)
-    mix = None
+    mix = mean_mix = None
     batches = sequential_batches(len(split), batch_size, split.lengths)
     with evaluating(model):
         for idx in tqdm(batches, desc="evaluate", mininterval=5, leave=False):
+            inputs = _inputs(split, idx, pad_id, rt)
             with rt.autocast():
-                logits, att = model(
-                    **_inputs(split, idx, pad_id, rt), output_mixture=fusion_name is not None
-                )
+                logits, att = model(**inputs, output_mixture=fusion_name is not None)
             probs[idx] = scores_to_probs(task, logits, idx.size).cpu().numpy()
             if att is not None:
                 layers = att[fusion_name]
-                last = layers[max(layers)]["output_adapter"]
+                stacked = np.stack([layers[n]["output_adapter"] for n in sorted(layers)])
                 if mix is None:
-                    mix = np.zeros((len(split.seqs), last.shape[-1]), dtype=np.float32)
-                mix[split.rows(idx)] = last[:, 0, :]
-    return probs, mix
+                    mix = np.zeros((len(split.seqs), stacked.shape[-1]), dtype=np.float32)
+                    mean_mix = np.zeros_like(mix)
+                rows = split.rows(idx)
+                mix[rows] = stacked[-1][:, 0, :]
+                real = inputs["attention_mask"].cpu().numpy().astype(np.float32)[..., None]
+                per_token = stacked.mean(0)
+                mean_mix[rows] = (per_token * real).sum(1) / np.maximum(real.sum(1), 1.0)
+    return probs, mix, mean_mix
+
+
+def routing_diagnostics(
+    split: EncodedSplit, mean_mix: np.ndarray, links: np.ndarray | None
+) -> dict[str, float]:
+    """How the mixture routes: the mean entropy (nats) of each input's weights and, where
+    known, the share of inputs whose largest weight falls on the linked partition (of
+    linked inputs) or on the true one (the KG probe's `partition` column)."""
+    w = mean_mix.reshape(len(split), split.choices, -1).mean(1)
+    out = {"mixture_entropy": float(-(w * np.log(np.clip(w, 1e-12, None))).sum(1).mean())}
+    top = w.argmax(1)
+    if links is not None and (linked := links.sum(1) > 0).any():
+        out["routing_linked"] = float((top[linked] == links[linked].argmax(1)).mean())
+    if "partition" in split.frame.columns:
+        out["routing_true"] = float((top == split.frame["partition"].to_numpy()).mean())
+    return out
 
 
 def evaluate(task: TaskSpec, split: EncodedSplit, probs: np.ndarray) -> tuple[dict, pl.DataFrame]:
@@ -342,17 +367,30 @@ def evaluate(task: TaskSpec, split: EncodedSplit, probs: np.ndarray) -> tuple[di
     return task.metric(frame), frame
 
 
-def mixture_frame(split: EncodedSplit, mix: np.ndarray) -> pl.DataFrame:
-    """One row per sequence: example id (and option index for choice tasks), weights, text."""
+def mixture_frame(split: EncodedSplit, mix: np.ndarray, mean_mix: np.ndarray) -> pl.DataFrame:
+    """One row per sequence: example id (and option index for choice tasks), final-layer
+    [CLS] weights, weights averaged over layers and tokens, the linked partition (argmax
+    of the links, -1 where unlinked or unknown), the true one where the task knows it (KG
+    probe) and the text."""
+    linked = np.full(len(split), -1, dtype=np.int32)
+    if split.links is not None:
+        has = split.links.sum(1) > 0
+        linked[has] = split.links[has].argmax(1)
     frame = pl.DataFrame(
         {
             "id": np.repeat(np.asarray(split.ids, dtype=object), split.choices).tolist(),
             "weights": pl.Series(mix.tolist(), dtype=pl.List(pl.Float32)),
+            "mean_weights": pl.Series(mean_mix.tolist(), dtype=pl.List(pl.Float32)),
+            "linked": np.repeat(linked, split.choices),
             "text": np.repeat(
                 np.asarray(split.frame["text_a"].to_list(), dtype=object), split.choices
             ).tolist(),
         }
     )
+    if "partition" in split.frame.columns:  # the KG probe: the question's own partition
+        frame = frame.with_columns(
+            partition=pl.Series(np.repeat(split.frame["partition"].to_numpy(), split.choices))
+        )
     if split.choices > 1:
         frame = frame.with_columns(choice=pl.Series(np.tile(np.arange(split.choices), len(split))))
     return frame
@@ -415,9 +453,11 @@ def load_data(
     tokenizer: Any,
     encoded_dir: str | Path | None = None,
     runtime: Runtime | None = None,
+    links: str | Path | None = None,
 ) -> dict[str, EncodedSplit]:
     """The three splits with their tokens, labels checked, plus candidate vectors (bilinear
-    head) and routes (oracle) where the run uses them."""
+    head), routes (oracle) and linked partitions (`mop link`'s links.parquet, for routed
+    mixtures) where the run uses them."""
     data = {}
     for s in SPLITS:
         data[s] = load_split(
@@ -433,6 +473,11 @@ def load_data(
         data = with_candidates(spec, tokenizer, data, task_dir, runtime)
     if method == "oracle":
         data = with_routes(data, task_dir, adapters_given)
+    if links is not None:
+        data = {
+            s: replace(split, links=read_links(links, split.ids, adapters_given))
+            for s, split in data.items()
+        }
     return data
 
 
@@ -453,6 +498,8 @@ def run_fingerprint(
         parts += [split.seqs.values, split.seqs.offsets, split.labels]
         if split.seqs.types is not None:
             parts.append(split.seqs.types)
+        if split.links is not None:
+            parts.append(split.links)
     return fingerprint(settings, *parts)
 
 
@@ -467,15 +514,31 @@ def finetune(
     tracker: Tracker | None = None,
     runtime: Runtime | None = None,
     encoded_dir: str | Path | None = None,
+    links: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train on train, select on dev, report test; write every output of the run."""
+    """Train on train, select on dev, report test; write every output of the run.
+
+    links: `mop link`'s links.parquet for this task and partitioning; routed mixtures
+    need it (and other runs ignore it)."""
     out = Path(out_dir)
     rt = runtime or Runtime.create("cpu")
     seed_all(cfg.seed)
+    routed = method == "mop" and cfg.mixture.needs_links
+    if routed and links is None:
+        raise MopError(f"finetune {out}: a routed mixture needs the task's links (--links)")
     tokenizer = load_tokenizer(spec)
     pad_id = tokenizer.pad_token_id
     data = load_data(
-        spec, task, task_dir, method, len(adapter_dirs), cfg, tokenizer, encoded_dir, rt
+        spec,
+        task,
+        task_dir,
+        method,
+        len(adapter_dirs),
+        cfg,
+        tokenizer,
+        encoded_dir,
+        rt,
+        links if routed else None,
     )
     model, fusion_name = build_classifier(spec, task, method, adapter_dirs, cfg)
     forward = rt.prepare(model)
@@ -567,7 +630,7 @@ def finetune(
                     save(stop)
             bar.close()
 
-            dev_probs, _ = predict(
+            dev_probs, _, _ = predict(
                 model, task, data["dev"], pad_id, cfg.eval_batch_size, runtime=rt
             )
             dev_metrics, _ = evaluate(task, data["dev"], dev_probs)
@@ -612,9 +675,9 @@ def finetune(
         if s == "train" and not cfg.eval_train:
             continue
         if s == "dev":  # the best epoch's own dev pass: the same weights, the same probs
-            probs, mix = np.asarray(state["best_dev"], dtype=np.float32), None
+            probs, mix, mean_mix = np.asarray(state["best_dev"], dtype=np.float32), None, None
         else:
-            probs, mix = predict(
+            probs, mix, mean_mix = predict(
                 model,
                 task,
                 data[s],
@@ -624,10 +687,11 @@ def finetune(
                 rt,
             )
         metrics, frame = evaluate(task, data[s], probs)
+        if mix is not None:
+            mixture = mixture_frame(data[s], mix, mean_mix)
+            metrics |= routing_diagnostics(data[s], mean_mix, data[s].links)
         results[s] = metrics
         frames.append(frame.with_columns(split=pl.lit(s)))
-        if mix is not None:
-            mixture = mixture_frame(data[s], mix)
     metrics = {
         "task": task.name,
         "method": method,

@@ -14,11 +14,25 @@ which fails):
 - moe (Shazeer et al. 2017, paper eq. 5): noisy top-k gating over the adapter axis.
   Gaussian noise with a learned, input-dependent scale is added while training only; the
   k largest scores per token are kept and softmax-normalised, the rest are exactly 0.
-  An optional load-balancing loss (squared coefficient of variation of the adapters'
-  total weight in the batch) is exposed as `aux_loss`.
+  While training it adds Shazeer et al.'s two balance losses over the batch's real tokens
+  (padding excluded): importance (w_importance * CV^2 of each adapter's summed weight) and
+  load (w_load * CV^2 of each adapter's summed probability of being in the top k under
+  fresh noise, their smooth estimator); both 0.1 by default, their paper's setting.
 
-The original code ran its MoE top-k over the token axis and left both variants random at
-evaluation; these are the fixes.
+Any of the three can be routed (mixture names ending in `-routed`, `-prior` or
+`-routed-prior`; `mop.linking` gives each input a distribution q over the partitions
+from the KG entities it names):
+
+- routed: while training, an auxiliary loss `route_loss * H(q, p)` pulls p, the mixture
+  weights averaged over an input's real tokens, towards q (cross-entropy, averaged over the
+  fusion layers and the linked inputs of the batch; unlinked inputs add nothing). At
+  inference nothing about links is needed.
+- prior: `route_prior * log(q + 1/K)` is added to every token's scores over the adapters,
+  in training and at inference (so inference needs the links too); unlinked inputs get 0.
+
+CV^2 is the population variance over the mean squared. The original code ran its MoE top-k
+over the token axis, left both variants random at evaluation and ignored the balance loss;
+these are the fixes.
 """
 
 from __future__ import annotations
@@ -42,29 +56,49 @@ class MixtureConfig:
     kind: str = "softmax"
     tau: float = 1.0  # gumbel temperature
     top_k: int = 2  # moe: adapters kept per token
-    balance: float = 0.0  # moe: weight of the load-balancing loss
+    importance: float = 0.1  # moe: weight of the importance loss
+    load: float = 0.1  # moe: weight of the load loss
     fusion_reg: bool = True  # AdapterFusion's value-matrix regulariser (as AdapterTrainer adds)
+    routed: bool = False  # pull the weights towards the linked partitions while training
+    prior: bool = False  # add the linked partitions' log-prior to the scores
+    route_loss: float = 1.0  # weight of the routing loss
+    route_prior: float = 1.0  # weight of the log-prior
 
     def __post_init__(self) -> None:
         if self.kind not in MIXTURES:
             raise MopError(f"mixture kind {self.kind!r} is not one of {', '.join(MIXTURES)}")
 
+    @property
+    def needs_links(self) -> bool:
+        return self.routed or self.prior
 
-MIXTURE_NAME = re.compile(r"^(softmax|gumbel(-t(?P<tau>[0-9]*\.?[0-9]+))?|moe(-k(?P<k>[0-9]+))?)$")
+
+MIXTURE_NAME = re.compile(
+    r"^(?P<kind>softmax|gumbel(-t(?P<tau>[0-9]*\.?[0-9]+))?|moe(-k(?P<k>[0-9]+))?)"
+    r"(?P<routed>-routed)?(?P<prior>-prior)?$"
+)
 
 
 def parse_mixture(name: str, defaults: MixtureConfig | None = None) -> MixtureConfig:
-    """A mixture from its name: `softmax`, `gumbel`, `gumbel-t0.5` (tau), `moe`, `moe-k3`.
+    """A mixture from its name: `softmax`, `gumbel`, `gumbel-t0.5` (tau), `moe`, `moe-k3`,
+    each optionally followed by `-routed` and / or `-prior`.
 
-    The name carries the hyperparameter that varies in the paper's Table 6; everything else
-    comes from `defaults`.
+    The name carries what varies in the paper's Table 6 and the routing switches;
+    everything else comes from `defaults`.
     """
     m = MIXTURE_NAME.match(name)
     if m is None:
-        raise MopError(f"mixture {name!r} is not softmax, gumbel[-t<tau>] or moe[-k<top k>]")
+        raise MopError(
+            f"mixture {name!r} is not softmax, gumbel[-t<tau>] or moe[-k<top k>], "
+            "optionally followed by -routed and / or -prior"
+        )
     base = defaults or MixtureConfig()
-    kind = name.split("-")[0]
-    out = replace(base, kind=kind)
+    out = replace(
+        base,
+        kind=m.group("kind").split("-")[0],
+        routed=m.group("routed") is not None,
+        prior=m.group("prior") is not None,
+    )
     if m.group("tau"):
         out = replace(out, tau=float(m.group("tau")))
     if m.group("k"):
@@ -72,8 +106,63 @@ def parse_mixture(name: str, defaults: MixtureConfig | None = None) -> MixtureCo
     return out
 
 
+def cv_squared(x: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation (population variance / mean^2) of a vector."""
+    return x.var(unbiased=False) / (x.mean() ** 2 + 1e-10)
+
+
+def balance_losses(
+    clean: torch.Tensor,
+    noisy: torch.Tensor,
+    noise_std: torch.Tensor,
+    probs: torch.Tensor,
+    top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shazeer et al.'s importance and load terms (unweighted) over rows of tokens x adapters.
+
+    Importance: CV^2 of the adapters' summed weights. Load: CV^2 of the adapters' summed
+    P(adapter in the top k), where for adapter i the threshold is the k-th largest noisy
+    score of the other adapters, and P = Phi((clean_i - threshold) / std_i).
+    """
+    importance = cv_squared(probs.sum(0))
+    n = noisy.size(-1)
+    if top_k >= n:
+        return importance, importance.new_zeros(())
+    top = noisy.topk(top_k + 1, dim=-1).values
+    in_top = noisy >= top[:, top_k - 1 : top_k]
+    threshold = torch.where(in_top, top[:, top_k : top_k + 1], top[:, top_k - 1 : top_k])
+    normal = torch.distributions.Normal(0.0, 1.0)
+    p_in = normal.cdf((clean - threshold) / noise_std.clamp_min(1e-6))
+    return importance, cv_squared(p_in.sum(0))
+
+
+def route_loss(probs: torch.Tensor, mask: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy H(q, p) of the linked inputs: p = weights averaged over real tokens.
+
+    probs (B, T, K), mask (B, T) of 0/1, route (B, K) with rows of zeros where unlinked.
+    """
+    m = mask.to(probs.dtype).unsqueeze(-1)
+    p = (probs * m).sum(1) / m.sum(1).clamp_min(1.0)
+    linked = route.sum(-1) > 0
+    if not linked.any():
+        return probs.new_zeros(())
+    ce = -(route * torch.log(p.clamp_min(1e-9))).sum(-1)
+    return ce[linked].mean()
+
+
+def log_prior(route: torch.Tensor) -> torch.Tensor:
+    """log(q + 1/K) per input, 0 where unlinked (no partition is ever ruled out)."""
+    k = route.size(-1)
+    linked = (route.sum(-1, keepdim=True) > 0).to(route.dtype)
+    return torch.log(route + 1.0 / k) * linked
+
+
 class MixtureFusion(BertFusion):
-    """AdapterFusion with Gumbel-softmax or noisy top-k weights over the adapters."""
+    """AdapterFusion with Gumbel-softmax or noisy top-k weights over the adapters, optionally
+    routed by the inputs' linked partitions.
+
+    The model sets `mask` (B, T) and `route` (B, K) before each forward (`set_context`);
+    auxiliary losses of a training forward accumulate in `aux_loss`."""
 
     def __init__(self, config: Any, dense_size: int, dropout_prob: float, mixture: MixtureConfig):
         super().__init__(config, dense_size, dropout_prob)
@@ -83,29 +172,47 @@ class MixtureFusion(BertFusion):
             nn.init.zeros_(self.noise.weight)
             nn.init.zeros_(self.noise.bias)
         self.aux_loss: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        self.route: torch.Tensor | None = None
+
+    def _add_loss(self, value: torch.Tensor) -> None:
+        self.aux_loss = value if self.aux_loss is None else self.aux_loss + value
+
+    def _real_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows (B*T, K) of the tokens that are not padding."""
+        if self.mask is None:
+            return x.flatten(0, -2)
+        return x[self.mask.bool()]
 
     def weights(self, scores: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """Mixture weights over the last axis (adapters) from the attention scores."""
         m = self.mixture
+        if m.prior and self.route is not None:
+            scores = scores + m.route_prior * log_prior(self.route.float()).unsqueeze(1)
         if m.kind == "gumbel":
             if self.training:
                 return nn.functional.gumbel_softmax(scores, tau=m.tau, hard=False, dim=-1)
             return torch.softmax(scores / m.tau, dim=-1)
         if m.kind == "moe":
             k = min(m.top_k, scores.size(-1))
+            clean = scores
             if self.training:
-                noise_scale = nn.functional.softplus(
+                noise_std = nn.functional.softplus(
                     torch.matmul(self.noise(query).unsqueeze(2), key.transpose(-2, -1)).squeeze(2)
-                )
-                scores = scores + torch.randn_like(scores) * noise_scale
+                ).float()
+                scores = scores + torch.randn_like(scores) * noise_std
             top = scores.topk(k, dim=-1).indices
             masked = torch.full_like(scores, float("-inf")).scatter(-1, top, scores.gather(-1, top))
             probs = torch.softmax(masked, dim=-1)
-            if self.training and m.balance > 0:
-                importance = probs.flatten(0, -2).sum(0)
-                self.aux_loss = (
-                    m.balance * importance.var(unbiased=False) / (importance.mean() ** 2 + 1e-10)
+            if self.training and (m.importance > 0 or m.load > 0):
+                importance, load = balance_losses(
+                    self._real_tokens(clean),
+                    self._real_tokens(scores),
+                    self._real_tokens(noise_std),
+                    self._real_tokens(probs),
+                    k,
                 )
+                self._add_loss(m.importance * importance + m.load * load)
             return probs
         return torch.softmax(scores / self.T, dim=-1)
 
@@ -119,6 +226,9 @@ class MixtureFusion(BertFusion):
         scores = torch.matmul(query_layer.unsqueeze(2), key_layer.transpose(-2, -1)).squeeze(2)
         # Weights in float32 whatever the autocast precision: they are a distribution.
         probs = self.weights(self.dropout(scores).float(), query_layer, key_layer)
+        m = self.mixture
+        if self.training and m.routed and self.route is not None and self.mask is not None:
+            self._add_loss(m.route_loss * route_loss(probs, self.mask, self.route.float()))
         context = torch.matmul(probs.unsqueeze(2), value_layer).squeeze(2)
         if self.config["value"] and not self.config["value_before_softmax"]:
             context = self.value(context)
@@ -155,14 +265,26 @@ def add_mixture(model: nn.Module, adapter_names: list[str], mixture: MixtureConf
     return fuse
 
 
+def mixtures(model: nn.Module) -> list[MixtureFusion]:
+    return [m for m in model.modules() if isinstance(m, MixtureFusion)]
+
+
+def set_context(
+    layers: list[MixtureFusion], mask: torch.Tensor | None, route: torch.Tensor | None
+) -> None:
+    """What the mixture layers of the next forward know about its batch: which tokens are
+    real and each input's linked partitions (None: not known)."""
+    for layer in layers:
+        layer.mask = mask
+        layer.route = route
+
+
 def mixture_aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum of the MoE load-balancing losses of the last forward pass, if any."""
-    losses = [
-        m.aux_loss
-        for m in model.modules()
-        if isinstance(m, MixtureFusion) and m.aux_loss is not None
-    ]
-    for m in model.modules():
-        if isinstance(m, MixtureFusion):
+    """Sum of the mixture layers' auxiliary losses of the last forward (MoE balance,
+    routing), then cleared; None if there were none."""
+    losses = []
+    for m in mixtures(model):
+        if m.aux_loss is not None:
+            losses.append(m.aux_loss)
             m.aux_loss = None
     return torch.stack(losses).sum() if losses else None

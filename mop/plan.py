@@ -23,7 +23,7 @@ from mop.errors import MopError
 
 NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 TASKS = ("probe", "hoc", "pubmedqa", "bioasq7b", "bioasq8b", "mednli", "medqa")
-MIXTURE = r"softmax|gumbel(-t[0-9]*\.?[0-9]+)?|moe(-k[0-9]+)?"
+MIXTURE = r"(softmax|gumbel(-t[0-9]*\.?[0-9]+)?|moe(-k[0-9]+)?)(-routed)?(-prior)?"
 SCHEME = r"metis|shuffle[0-9.]+"
 
 # What each field of a path may hold: Snakemake's wildcard constraints and the parser's.
@@ -56,6 +56,7 @@ LAYOUTS = {
     "subset": "finetune/{task}/{model}/mop-{mixture}/{kg}/k{k}-{scheme}/subset-{subset}/seed{seed}",
     "oracle": "finetune/{task}/{model}/oracle/{kg}/k{k}-{scheme}/seed{seed}",
     "zeroshot": "finetune/{task}/{model}/zeroshot/{kg}/k{k}-{scheme}/seed{seed}",
+    "links": "links/{task}/{kg}/k{k}-{scheme}",
     "selection": "analysis/{task}/{model}/{kg}/k{k}-{scheme}",
     "topics": "topics/{kg}/k{k}-{scheme}",
 }
@@ -209,8 +210,16 @@ def scheme_rate(scheme: str) -> float:
 def mixture_of(name: str) -> str:
     """A mixture name as it appears in a run folder (`mop-<mixture>`)."""
     if not re.fullmatch(MIXTURE, name):
-        raise MopError(f"mixture {name!r} is not softmax, gumbel[-t<tau>] or moe[-k<top k>]")
+        raise MopError(
+            f"mixture {name!r} is not softmax, gumbel[-t<tau>] or moe[-k<top k>], "
+            "optionally followed by -routed and / or -prior"
+        )
     return name
+
+
+def routed(mixture: str | None) -> bool:
+    """Whether runs of this mixture read the task's links (`-routed`, `-prior`)."""
+    return bool(mixture) and bool(re.search(r"-(routed|prior)$", mixture))
 
 
 # Keys of `finetune` (and `tasks.<task>.finetune`) that one fine-tuning run reads, by method.
@@ -232,7 +241,21 @@ TRAINING_KEYS = (
     "checkpoint_every",
     "save_model",
 )
-MIXTURE_KEYS = ("gumbel_tau", "moe_top_k", "moe_balance", "fusion_reg")
+# The mixture settings a MoP run reads, by what its mixture name asks for.
+MIXTURE_KEYS = {
+    "all": ("fusion_reg",),
+    "gumbel": ("gumbel_tau",),
+    "moe": ("moe_top_k", "moe_importance", "moe_load"),
+    "routed": ("route_loss",),
+    "prior": ("route_prior",),
+}
+
+
+def mixture_keys(mixture: str) -> list[str]:
+    """The `finetune` keys one mixture reads: a softmax run does not read the MoE keys."""
+    mixture_of(mixture)
+    parts = {"all", *mixture.split("-")}
+    return [k for part, keys in MIXTURE_KEYS.items() if part in parts for k in keys]
 
 
 class Plan:
@@ -306,7 +329,7 @@ class Plan:
         if run.kind != "base":
             keys.append("lr_adapters")
         if run.method == "mop":
-            keys += ["lr_fusion", *MIXTURE_KEYS]
+            keys += ["lr_fusion", *mixture_keys(run.mixture)]
         keys.append("lr_head")
         return {k: settings[k] for k in keys}
 

@@ -88,7 +88,7 @@ def test_every_method_trains_and_writes_its_outputs(
         lr=5e-4,
         seed=1,
         save_model=True,
-        mixture=MixtureConfig(kind=kind, balance=0.01),
+        mixture=MixtureConfig(kind=kind),
     )
     adapters = tiny_adapters[:1] if method == "adapter" else tiny_adapters
     m = finetune(tiny_spec, TASK, probe_dir, method, adapters, cfg, tmp_path)

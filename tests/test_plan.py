@@ -39,7 +39,7 @@ EXAMPLES = {
     "subset": {
         "task": "probe",
         "model": "m",
-        "mixture": "moe-k2",
+        "mixture": "moe-k2-routed",
         "kg": "g",
         "k": 4,
         "scheme": "metis",
@@ -49,6 +49,7 @@ EXAMPLES = {
     "oracle": {"task": "probe", "model": "m", "kg": "g", "k": 4, "scheme": "metis", "seed": 0},
     "zeroshot": {"task": "probe", "model": "m", "kg": "g", "k": 4, "scheme": "metis", "seed": 0},
     "selection": {"task": "probe", "model": "m", "kg": "g", "k": 4, "scheme": "metis"},
+    "links": {"task": "medqa", "kg": "g", "k": 4, "scheme": "shuffle0.2"},
     "topics": {"kg": "g", "k": 4, "scheme": "metis"},
 }
 
@@ -84,14 +85,14 @@ def test_tags_and_names():
         "method": "mop",
         "task": "probe",
         "model": "m",
-        "mixture": "moe-k2",
+        "mixture": "moe-k2-routed",
         "kg": "g",
         "k": "4",
         "scheme": "metis",
         "subset": "top2",
         "seed": "1",
     }
-    assert run.name() == "finetune probe m mop-moe-k2 g k4-metis subset-top2 seed1"
+    assert run.name() == "finetune probe m mop-moe-k2-routed g k4-metis subset-top2 seed1"
     adapter = Run("adapter", **EXAMPLES["adapter"])
     assert adapter.tags()["partition"] == "7" and adapter.name().startswith("pretrain sfull")
 
@@ -136,9 +137,39 @@ def test_each_fine_tuning_run_gets_only_the_keys_it_reads():
     for grid_key in ("seeds", "tasks", "methods", "kgs", "mixtures", "k"):
         assert grid_key not in base and grid_key not in mop
     assert "lr_fusion" not in base and "lr_adapters" not in base and "gumbel_tau" not in base
-    assert {"lr_fusion", "lr_adapters", "gumbel_tau", "moe_balance"} <= set(mop)
+    assert {"lr_fusion", "lr_adapters", "fusion_reg"} <= set(mop)
+    # a mixture reads its own settings only: softmax no Gumbel or MoE keys
+    assert not {"gumbel_tau", "moe_top_k", "moe_importance", "route_loss"} & set(mop)
     # the model entries of one job, not the whole models section
     assert set(plan.model_entries("scibert")) == {"scibert"}
+
+
+def test_mixture_names_say_which_settings_a_run_reads():
+    from mop.fusion import parse_mixture
+    from mop.plan import mixture_keys
+
+    assert mixture_keys("softmax") == ["fusion_reg"]
+    assert mixture_keys("gumbel-t0.5") == ["fusion_reg", "gumbel_tau"]
+    assert mixture_keys("moe-k3-routed-prior") == [
+        "fusion_reg",
+        "moe_top_k",
+        "moe_importance",
+        "moe_load",
+        "route_loss",
+        "route_prior",
+    ]
+    run = Run.parse("results/finetune/probe/m/mop-gumbel-t0.5-routed/kg/k4-metis/seed0")
+    assert run.mixture == "gumbel-t0.5-routed"
+    m = parse_mixture(run.mixture)
+    assert (m.kind, m.tau, m.routed, m.prior) == ("gumbel", 0.5, True, False)
+    m = parse_mixture("moe-k3-routed-prior")
+    assert (m.kind, m.top_k, m.routed, m.prior, m.needs_links) == ("moe", 3, True, True, True)
+    assert not parse_mixture("softmax").needs_links
+    for bad in ("softmax-prior-routed", "routed", "softmax-route"):
+        with pytest.raises(MopError):
+            parse_mixture(bad)
+        with pytest.raises(MopError):
+            mixture_keys(bad)
 
 
 def test_options_do_not_move_when_the_grid_grows():

@@ -29,8 +29,11 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     defaults = MixtureConfig(
         tau=o.get("gumbel_tau", 1.0),
         top_k=o.get("moe_top_k", 2),
-        balance=o.get("moe_balance", 0.0),
+        importance=o.get("moe_importance", 0.1),
+        load=o.get("moe_load", 0.1),
         fusion_reg=o.get("fusion_reg", True),
+        route_loss=o.get("route_loss", 1.0),
+        route_prior=o.get("route_prior", 1.0),
     )
     mixture = parse_mixture(run.mixture or "softmax", defaults)
     fields = set(FinetuneConfig.__dataclass_fields__) - {"seed", "mixture"}
@@ -65,6 +68,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         track,
         runtime=runtime(args),
         encoded_dir=args.encoded,
+        links=args.links,
     )
     track.finish()
     log(
@@ -117,6 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task-dir", required=True, help="the prepared task (fold) this run reads")
     p.add_argument("--encoded", help="its tokens from `mop encode` (default: tokenize here)")
     p.add_argument("--adapters", nargs="*", help="adapter folders (adapter, mop, oracle)")
+    p.add_argument("--links", help="links.parquet from `mop link` (routed mixtures)")
     add_model(p)
     add_options(p, "the training settings this run reads")
     add_runtime(p)

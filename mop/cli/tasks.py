@@ -1,4 +1,5 @@
-"""`mop task` (a task's splits as Parquet), `mop pubmedqa-folds` and `mop encode` (tokens)."""
+"""`mop task` (a task's splits as Parquet), `mop pubmedqa-folds`, `mop encode` (tokens) and
+`mop link` (the KG partitions each input names)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,33 @@ def cmd_encode(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_link(args: argparse.Namespace) -> None:
+    from mop.linking import run_link
+
+    summary = run_link(
+        args.task_dir, args.kg, args.partition, args.out, min_chars=args.options.get("min_chars", 3)
+    )
+    for split, c in summary["splits"].items():
+        log(
+            f"link {split}: {c['linked_share']:.1%} of {c['inputs']} inputs linked, "
+            f"{c['entities_per_input']:.2f} entities per input"
+            + (
+                f", largest weight on the true partition {c['top_is_true_partition']:.1%}"
+                if "top_is_true_partition" in c
+                else ""
+            )
+        )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("link", help="link a task's inputs to KG entities and their partitions")
+    p.add_argument("--task-dir", required=True, help="the prepared task")
+    p.add_argument("--kg", required=True, help="the KG folder")
+    p.add_argument("--partition", required=True, help="the partition folder")
+    add_options(p, "min_chars (the linking section)")
+    add_out(p, "results/links/<task>/<kg>/k<K>-<scheme>")
+    p.set_defaults(func=cmd_link)
+
     p = sub.add_parser("task", help="prepare a task's splits as Parquet")
     p.add_argument("--kg", help="the KG folder (KG probe)")
     p.add_argument("--partition", help="the partition folder (KG probe)")

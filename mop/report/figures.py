@@ -150,7 +150,8 @@ def figure_mixture(
     mixture_file: str | Path, out: str | Path, n: int = 6, seed: int = 0
 ) -> list[Path]:
     """Figure 4: final-layer [CLS] mixture weights over the adapters for test questions,
-    with the questions printed under the heatmap."""
+    with the questions printed under the heatmap; a circle marks each question's true
+    partition (KG probe) and a cross its linked one (routed mixtures)."""
     plt = _pyplot()
     frame = _sample_questions(mixture_file, n, seed)
     weights = np.array(frame["weights"].to_list())
@@ -163,6 +164,34 @@ def figure_mixture(
     ax.set_xlabel("Sub-graph (adapter)")
     ax.set_ylabel("Question")
     ax.set_title("Mixture weight of [CLS] at the last layer")
+    rows = np.arange(frame.height)
+    marks = []
+    if "partition" in frame.columns:
+        ax.scatter(
+            frame["partition"],
+            rows,
+            marker="o",
+            s=140,
+            facecolors="none",
+            edgecolors="red",
+            linewidths=1.5,
+            label="true partition",
+        )
+        marks.append("partition")
+    if "linked" in frame.columns and (frame["linked"] >= 0).any():
+        linked = frame["linked"].to_numpy()
+        ax.scatter(
+            linked[linked >= 0],
+            rows[linked >= 0],
+            marker="x",
+            s=60,
+            c="white",
+            linewidths=1.5,
+            label="linked partition",
+        )
+        marks.append("linked")
+    if marks:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.12, 1.0), fontsize=8, frameon=False)
     fig.colorbar(im, ax=ax, fraction=0.03)
     _question_text(fig, labels, frame["text"].to_list())
     return _save(fig, out)

@@ -25,13 +25,17 @@ SCHEMA = {
     "train": pl.Float64,
     "dev": pl.Float64,
     "test": pl.Float64,
+    "routing": pl.Float64,  # mixtures: share of test inputs routed to the true / linked partition
+    "entropy": pl.Float64,  # mixtures: mean entropy (nats) of the test inputs' weights
     "folder": pl.String,
 }
 
 
 def load_runs(metric_files: Sequence[str | Path]) -> pl.DataFrame:
     """One row per fine-tuning run: its identity (read from its folder by the results
-    grammar, mop.plan) and the train/dev/test value of its main metric."""
+    grammar, mop.plan), the train/dev/test value of its main metric and, for mixtures, the
+    routing diagnostics of its test split (routing to the true partition where the task
+    knows it, the KG probe, else to the linked one)."""
     rows = []
     for path in metric_files:
         path = Path(path)
@@ -54,6 +58,8 @@ def load_runs(metric_files: Sequence[str | Path]) -> pl.DataFrame:
                 "train": m.get(f"train_{main}"),
                 "dev": m[f"dev_{main}"],
                 "test": m[f"test_{main}"],
+                "routing": m.get("test_routing_true", m.get("test_routing_linked")),
+                "entropy": m.get("test_mixture_entropy"),
                 "folder": str(path.parent),
             }
         )

@@ -161,18 +161,32 @@ def table_k(runs: pl.DataFrame, partition_stats: Sequence[str | Path]) -> Table:
 
 
 def table_mixtures(runs: pl.DataFrame) -> Table:
-    """Table 6: the mixture variants (and their hyperparameters) x tasks."""
+    """Table 6: the mixture variants (and their hyperparameters) x tasks, with how each
+    routes: the share of test inputs whose largest weight (averaged over layers and
+    tokens) is the true partition (KG probe) or the linked one, and the weights' entropy."""
     mop = runs.filter((pl.col("method") == "mop") & (pl.col("scheme") == "metis"))
     tasks = sorted(mop["task"].unique().to_list())
     table = Table(
-        "mixtures", "Mixture layers compared. " + MARKS, ["Model / KG / K", "Mixture", *tasks]
+        "mixtures",
+        "Mixture layers compared. Routing: share of test inputs whose largest mixture weight "
+        "is the true partition (KG probe) or the linked one (other tasks), mean over the runs "
+        "x 100; entropy: of those weights, in nats (uniform over K: ln K). " + MARKS,
+        ["Model / KG / K", "Mixture", *tasks, "Routing", "Entropy"],
     )
     for (model, kg, k), group in mop.group_by(["model", "kg", "k"], maintain_order=True):
         for mixture in sorted(group["mixture"].unique().to_list()):
             base = {t: values(runs, model=model, method="base", task=t) for t in tasks}
             cells = [Cell(values(group, task=t, mixture=mixture), base[t]) for t in tasks]
+            own = group.filter(pl.col("mixture") == mixture)
+            routing, entropy = own["routing"].drop_nulls(), own["entropy"].drop_nulls()
             table.rows.append(
-                [f"{model} / {kg} / {k}", mixture, *[c if c.values.size else "-" for c in cells]]
+                [
+                    f"{model} / {kg} / {k}",
+                    mixture,
+                    *[c if c.values.size else "-" for c in cells],
+                    f"{100 * routing.mean():.1f}" if routing.len() else "-",
+                    f"{entropy.mean():.3f}" if entropy.len() else "-",
+                ]
             )
     table.bold_best(first=2)
     return table

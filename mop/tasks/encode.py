@@ -47,6 +47,7 @@ class EncodedSplit:
     choices: int = 1
     candidates: torch.Tensor | None = None  # (n, hidden) vectors for the bilinear head
     route: np.ndarray | None = None  # (n,) the adapter each example goes to (oracle)
+    links: np.ndarray | None = None  # (n, K) linked partition distribution (routed mixtures)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -59,11 +60,17 @@ class EncodedSplit:
     def rows(self, idx: np.ndarray) -> np.ndarray:
         return (idx[:, None] * self.choices + np.arange(self.choices)[None, :]).ravel()
 
-    def extras(self, idx: np.ndarray) -> tuple[torch.Tensor | None, np.ndarray | None]:
-        """The batch's candidate vectors and routes, where the model uses them."""
-        cand = None if self.candidates is None else self.candidates[torch.from_numpy(idx)]
-        route = None if self.route is None else self.route[idx]
-        return cand, route
+    def extras(self, idx: np.ndarray) -> dict[str, Any]:
+        """The batch's candidate vectors, oracle routes and links, where the model uses
+        them (links repeated for every option of a choice task)."""
+        out: dict[str, Any] = {}
+        if self.candidates is not None:
+            out["candidates"] = self.candidates[torch.from_numpy(idx)]
+        if self.route is not None:
+            out["route"] = self.route[idx]
+        if self.links is not None:
+            out["links"] = torch.from_numpy(np.repeat(self.links[idx], self.choices, axis=0))
+        return out
 
 
 def _pairs(frame: pl.DataFrame, kind: str) -> tuple[list[str], list[str | None], int]:

@@ -8,7 +8,7 @@ import time
 
 from mop.config import preflight, validate_config
 from mop.errors import MopError
-from mop.plan import WILDCARDS, Plan, Run, log_pattern, pattern
+from mop.plan import WILDCARDS, Plan, Run, log_pattern, pattern, routed
 from mop.report.registry import REPORTS, report_targets
 from mop.tasks import data_files
 
@@ -101,8 +101,12 @@ FINETUNE = ["metrics.json", "predictions.parquet"]
 
 
 def finetune_inputs(w):
-    """Every run reads its task's splits and their tokens for its model's tokenizer."""
-    return {
+    """Every run reads its task's splits and their tokens for its model's tokenizer; a
+    routed mixture also reads the task's links to its KG partitions."""
+    out = {
         "task": PLAN.path(Run("task", task=w.task), "summary.json"),
         "encoded": PLAN.path(PLAN.encoded(w.task, w.model), "encoding.json"),
     }
+    if routed(w.get("mixture")):
+        out["links"] = PLAN.path(Run.of("links", w), "links.parquet")
+    return out

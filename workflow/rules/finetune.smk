@@ -99,6 +99,28 @@ rule encode:
         " --out {params.out} 2> {log:q}"
 
 
+rule link:
+    input:
+        task=pattern("task", "summary.json", R),
+        kg=pattern("kg", "entities.parquet", R),
+        membership=pattern("partition", "membership.parquet", R),
+    output:
+        files_in("links", "links.parquet", "coverage.json"),
+    log:
+        log_pattern("links", R),
+    conda:
+        "../envs/mop.yaml"
+    params:
+        options=lambda w: as_json(config["linking"]),
+        task_dir=lambda w, input: os.path.dirname(input.task),
+        kg=lambda w, input: os.path.dirname(input.kg),
+        partition=lambda w, input: os.path.dirname(input.membership),
+        out=lambda w, output: os.path.dirname(output[0]),
+    shell:
+        "mop link --task-dir {params.task_dir} --kg {params.kg} --partition {params.partition}"
+        " --options {params.options:q} --out {params.out} 2> {log:q}"
+
+
 rule finetune_base:
     input:
         unpack(finetune_inputs),
@@ -117,10 +139,11 @@ rule finetune_base:
         task_dir=lambda w: PLAN.task_folder(w.task, w.seed),
         encoded=lambda w: PLAN.encoded_folder(w.task, w.model, w.seed),
         adapters="",
+        links=lambda w, input: f"--links {input.links}" if "links" in input.keys() else "",
         out=lambda w, output: os.path.dirname(output[0]),
     shell:
         "mop finetune --task-dir {params.task_dir} --encoded {params.encoded} {params.adapters}"
-        " --models {params.models:q} --options {params.options:q} --threads {threads}"
+        " {params.links} --models {params.models:q} --options {params.options:q} --threads {threads}"
         " --out {params.out} 2> {log:q}"
 
 

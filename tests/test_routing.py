@@ -1,0 +1,230 @@
+"""Entity linking, the routed mixture, its diagnostics and the MoE balance losses, each
+against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from mop.errors import MopError
+from mop.finetune import FinetuneConfig, build_classifier, finetune, routing_diagnostics
+from mop.fusion import (
+    MixtureConfig,
+    balance_losses,
+    log_prior,
+    mixture_aux_loss,
+    route_loss,
+    set_context,
+)
+from mop.linking import EntityLinker, link_frame, route_of, run_link
+from mop.tasks import get_task
+from mop.tasks.encode import EncodedSplit
+from mop.tasks.probe import prepare
+
+TASK = get_task("probe")
+PHI = {1: 0.8413447460685429, -1: 0.15865525393145707, -2: 0.022750131948179195}
+
+
+@pytest.fixture(scope="module")
+def probe_dir(small_kg, small_partition, tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe")
+    prepare(small_kg, small_partition, out, max_questions={"train": 64, "dev": 24, "test": 24})
+    return out
+
+
+@pytest.fixture(scope="module")
+def links(probe_dir, small_kg, small_partition, tmp_path_factory):
+    out = tmp_path_factory.mktemp("links")
+    summary = run_link(probe_dir, small_kg, small_partition, out)
+    return out / "links.parquet", summary
+
+
+def test_linking_is_longest_first_and_word_bounded():
+    names = ["Atrial septal defect", "septal defect", "fever", "Fever", "AS", "defect"]
+    linker = EntityLinker(names, min_chars=3)
+    text = "ATRIAL septal defect with fever; feverish, not a Septal Defect-like thing"
+    spans = linker.link(text)
+    got = [(text[s.start : s.end], s.entities) for s in spans]
+    assert got == [
+        ("ATRIAL septal defect", (0,)),  # not "septal defect" or "defect" inside it
+        ("fever", (2, 3)),  # one name, two entities; "feverish" is not a word match
+        ("Septal Defect", (1,)),  # "-like" is a boundary
+    ]
+    # "AS" is shorter than min_chars: "was" or "as" never links
+    assert linker.link("as was") == []
+    # the distribution: entity 0 and 1 in partition 1, entities 2, 3 in partitions 0, 2
+    partition = np.array([1, 1, 0, 2, 0, 0])
+    q = route_of([s.entities for s in spans], partition, 3)
+    np.testing.assert_allclose(q, [0.5 / 3, 2 / 3, 0.5 / 3], rtol=1e-6)
+    assert route_of([], partition, 3).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_link_frame_keeps_mentions_and_marks_unlinked_inputs():
+    linker = EntityLinker(["Short stature", "Seizure"])
+    frame = pl.DataFrame(
+        {
+            "id": ["a", "b"],
+            "text_a": ["Short stature and seizure", "Nothing here"],
+            "text_b": [None, None],
+        }
+    )
+    out = link_frame(frame, linker, np.array([0, 1]), 2)
+    assert out["linked"].to_list() == [True, False]
+    assert out["route"].to_list() == [[0.5, 0.5], [0.0, 0.0]]
+    spans = out["spans"][0].to_list()
+    assert [(m["field"], m["start"], m["end"], m["text"]) for m in spans] == [
+        ("text_a", 0, 13, "Short stature"),
+        ("text_a", 18, 25, "seizure"),
+    ]
+
+
+def test_probe_links_cover_every_question_and_name_its_partition(links):
+    _, summary = links
+    for split in ("train", "dev", "test"):
+        c = summary["splits"][split]
+        assert c["linked_share"] == 1.0 and c["entities_per_input"] >= 2
+        # disease and phenotype of a probe question lie in its own partition
+        assert c["top_is_true_partition"] == 1.0
+
+
+def test_route_loss_is_the_cross_entropy_of_the_token_mean():
+    probs = torch.tensor(
+        [
+            [[0.8, 0.2], [0.4, 0.6], [0.0, 1.0]],  # third token is padding
+            [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]],  # unlinked: no contribution
+        ]
+    )
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    route = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    # p = mean of the first two tokens = (0.6, 0.4); H(q, p) = -log 0.6
+    assert route_loss(probs, mask, route).item() == pytest.approx(-math.log(0.6))
+    half = torch.tensor([[0.5, 0.5], [0.0, 0.0]])
+    expected = -(0.5 * math.log(0.6) + 0.5 * math.log(0.4))
+    assert route_loss(probs, mask, half).item() == pytest.approx(expected)
+    assert route_loss(probs, mask, torch.zeros(2, 2)).item() == 0.0
+
+
+def test_log_prior_never_rules_a_partition_out():
+    prior = log_prior(torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]]))
+    third = 1 / 3
+    expected = [[math.log(0.5 + third)] * 2 + [math.log(third)], [0.0, 0.0, 0.0]]
+    np.testing.assert_allclose(prior.numpy(), expected, rtol=1e-6)
+
+
+def test_moe_balance_losses_by_hand():
+    probs = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    clean = torch.tensor([[2.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    importance, load = balance_losses(clean, clean.clone(), torch.ones(2, 3), probs, top_k=1)
+    # importance sums (1, 1, 0): mean 2/3, population variance 2/9 -> CV^2 = 0.5
+    assert importance.item() == pytest.approx(0.5)
+    # P(in top 1): token 1 (2, 1, 0): Phi(2-1), Phi(1-2), Phi(0-2); token 2 likewise
+    sums = np.array(
+        [PHI[1] + PHI[-2], PHI[-1] + PHI[1], PHI[-2] + PHI[-1]],
+    )
+    assert load.item() == pytest.approx(sums.var() / sums.mean() ** 2, rel=1e-5)
+
+
+def test_moe_balance_counts_real_tokens_only(tiny_spec, tiny_adapters, monkeypatch):
+    """Padding rows of a batch do not change the balance loss of its real tokens."""
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)  # the same (no) noise draw
+    cfg = FinetuneConfig(mixture=MixtureConfig(kind="moe", top_k=1))
+    model, _ = build_classifier(tiny_spec, TASK, "mop", tiny_adapters, cfg)
+    layer = model.mixture_layers[0]
+    layer.train()
+    gen = torch.Generator().manual_seed(0)
+    hidden = layer.query.in_features
+    scores = torch.randn(1, 6, 3, generator=gen)
+    query = torch.randn(1, 6, hidden, generator=gen)
+    key = torch.randn(1, 6, 3, hidden, generator=gen)
+    losses = []
+    for length, mask in ((6, [[1, 1, 1, 1, 0, 0]]), (4, [[1, 1, 1, 1]])):
+        set_context([layer], torch.tensor(mask), None)
+        layer.weights(scores[:, :length], query[:, :length], key[:, :length])
+        losses.append(layer.aux_loss.item())
+        layer.aux_loss = None
+    assert losses[0] > 0 and losses[0] == pytest.approx(losses[1], rel=1e-6)
+    set_context([layer], None, None)  # no mask known: every token counts
+    layer.weights(scores, query, key)
+    assert layer.aux_loss.item() != pytest.approx(losses[0], rel=1e-6)
+
+
+def test_routed_training_loss_and_prior_at_inference(tiny_spec, tiny_adapters):
+    ids = torch.tensor([[101, 2054, 2003, 102], [101, 2054, 102, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    to_0 = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    # routed: a training forward with links adds the loss; without links, nothing
+    cfg = FinetuneConfig(mixture=MixtureConfig(routed=True, route_loss=2.0))
+    model, fusion = build_classifier(tiny_spec, TASK, "mop", tiny_adapters, cfg)
+    model.train()
+    model(ids, mask)
+    assert mixture_aux_loss(model) is None
+    model(ids, mask, links=to_0)
+    loss = mixture_aux_loss(model)
+    assert loss is not None and loss.item() > 0
+    loss.backward()
+    layer = model.mixture_layers[0]
+    assert layer.query.weight.grad is not None and layer.query.weight.grad.abs().sum() > 0
+    # at evaluation no loss, and no links needed
+    model.eval()
+    with torch.no_grad():
+        model(ids, mask, links=to_0)
+    assert mixture_aux_loss(model) is None
+
+    # prior: the links move the weights at inference
+    cfg = FinetuneConfig(mixture=MixtureConfig(prior=True, route_prior=30.0))
+    model, fusion = build_classifier(tiny_spec, TASK, "mop", tiny_adapters, cfg)
+    model.eval()
+    with torch.no_grad():
+        a = model(ids, mask, output_mixture=True, links=to_0)[1][fusion]
+        b = model(ids, mask, output_mixture=True, links=to_0.flip(-1))[1][fusion]
+    wa, wb = a[max(a)]["output_adapter"], b[max(b)]["output_adapter"]
+    assert (wa[0].argmax(-1) == 0).all() and (wb[0].argmax(-1) == 2).all()
+
+
+def test_routing_diagnostics_by_hand():
+    frame = pl.DataFrame({"id": ["a", "b", "c"], "partition": [0, 1, 1]})
+    split = EncodedSplit(["a", "b", "c"], None, np.zeros(3), frame)  # type: ignore[arg-type]
+    weights = np.array([[0.7, 0.3], [0.6, 0.4], [0.5, 0.5]], dtype=np.float32)
+    links = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]], dtype=np.float32)
+    d = routing_diagnostics(split, weights, links)
+    assert d["routing_linked"] == 1.0  # a, b linked to 0 and weighted most on 0; c unlinked
+    assert d["routing_true"] == pytest.approx(1 / 3)  # argmax 0, 0, 0 against 0, 1, 1
+    h = [-(p * math.log(p) + (1 - p) * math.log(1 - p)) for p in (0.7, 0.6, 0.5)]
+    assert d["mixture_entropy"] == pytest.approx(np.mean(h), rel=1e-6)
+
+
+def test_a_routed_run_reports_how_it_routes(tiny_spec, tiny_adapters, probe_dir, links, tmp_path):
+    path, _ = links
+    cfg = FinetuneConfig(
+        epochs=1,
+        batch_size=16,
+        lr=5e-4,
+        seed=0,
+        save_model=False,
+        eval_train=False,
+        mixture=MixtureConfig(routed=True, prior=True),
+    )
+    with pytest.raises(MopError, match="needs the task's links"):
+        finetune(tiny_spec, TASK, probe_dir, "mop", tiny_adapters, cfg, tmp_path / "none")
+    m = finetune(
+        tiny_spec, TASK, probe_dir, "mop", tiny_adapters, cfg, tmp_path / "run", links=path
+    )
+    assert 0.0 <= m["test_routing_linked"] <= 1.0
+    assert m["test_routing_true"] == m["test_routing_linked"]  # probe links are the truth
+    assert 0.0 < m["test_mixture_entropy"] <= math.log(3) + 1e-6
+    mixture = pl.read_parquet(tmp_path / "run" / "mixture.parquet")
+    test = pl.read_parquet(probe_dir / "test.parquet")
+    assert mixture["linked"].to_list() == test["partition"].to_list()
+    assert mixture["partition"].to_list() == test["partition"].to_list()
+    np.testing.assert_allclose(np.array(mixture["mean_weights"].to_list()).sum(1), 1.0, rtol=1e-5)
+    # links of another partitioning do not fit
+    wrong = tmp_path / "wrong.parquet"
+    pl.read_parquet(path).with_columns(
+        route=pl.Series([[1.0, 0.0]] * pl.read_parquet(path).height, dtype=pl.Array(pl.Float32, 2))
+    ).write_parquet(wrong)
+    with pytest.raises(MopError, match="routes over 2 partitions"):
+        finetune(tiny_spec, TASK, probe_dir, "mop", tiny_adapters, cfg, tmp_path / "w", links=wrong)
