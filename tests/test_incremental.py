@@ -57,6 +57,11 @@ CASES: dict[str, tuple[dict, dict[str, int]]] = {
         {"finetune": {"mixtures": ["softmax", "gumbel-t0.5", "moe"]}},
         {"finetune_mop": 2, "report_table1": 1, "report_table6": 1},
     ),
+    # a routed mixture: the task's links to the partitions, then its runs
+    "routed mixture": (
+        {"finetune": {"mixtures": ["softmax", "gumbel-t0.5", "softmax-routed"]}},
+        {"link": 1, "finetune_mop": 2, "report_table1": 1, "report_table6": 1},
+    ),
     "k": (
         {"partition": {"k": [2, 3]}},
         {"partition": 6, "report_table3": 1},

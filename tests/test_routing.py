@@ -3,6 +3,7 @@ against values worked out by hand."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -228,3 +229,36 @@ def test_a_routed_run_reports_how_it_routes(tiny_spec, tiny_adapters, probe_dir,
     ).write_parquet(wrong)
     with pytest.raises(MopError, match="routes over 2 partitions"):
         finetune(tiny_spec, TASK, probe_dir, "mop", tiny_adapters, cfg, tmp_path / "w", links=wrong)
+
+
+@pytest.mark.slow
+def test_the_workflow_runs_a_routed_mixture(finished_run, tmp_path):
+    """Adding `softmax-routed-prior` to a finished tiny workflow links the probe to the
+    partitions once and fine-tunes the routed runs with the links (a real run)."""
+    import shutil
+
+    import yaml
+
+    from tests.conftest import snakemake
+
+    work = tmp_path / "work"
+    shutil.copytree(finished_run, work, symlinks=True)
+    extra = tmp_path / "routed.yaml"
+    extra.write_text(
+        yaml.safe_dump(
+            {"finetune": {"mixtures": ["softmax", "gumbel-t0.5", "softmax-routed-prior"]}}
+        )
+    )
+    result = snakemake(work, "--configfile", str(work / "config" / "config.yaml"), str(extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = work / "results"
+    coverage = json.loads((results / "links/probe/hpo-tiny/k2-metis/coverage.json").read_text())
+    assert coverage["splits"]["test"]["linked_share"] == 1.0
+    runs = results / "finetune/probe/tiny/mop-softmax-routed-prior/hpo-tiny/k2-metis"
+    for seed in (0, 1):
+        m = json.loads((runs / f"seed{seed}" / "metrics.json").read_text())
+        assert m["config"]["mixture"]["routed"] and m["config"]["mixture"]["prior"]
+        assert 0.0 <= m["test_routing_linked"] <= 1.0 and "test_mixture_entropy" in m
+    table6 = pl.read_csv(results / "tables/table6_mixtures.csv")
+    routed = table6.filter(pl.col("Mixture") == "softmax-routed-prior")
+    assert routed.height == 1 and float(routed["Routing"][0]) >= 0
