@@ -32,8 +32,9 @@ from mop.io import write_json, write_parquet
 from mop.kg import read_kg, read_table
 from mop.partition import MEMBERSHIP_SCHEMA
 
-# The split columns that hold text an input is about (the candidate of the KG probe too).
-TEXT_FIELDS = ("text_a", "text_b", "candidate")
+# The split columns that hold text an input is about: the texts, the KG probe's candidate,
+# and a choice task's options and their retrieved contexts (lists).
+TEXT_FIELDS = ("text_a", "text_b", "candidate", "choices", "contexts")
 SPAN = pl.Struct(
     {"field": pl.String, "start": pl.Int32, "end": pl.Int32, "entity": pl.Int32, "text": pl.String}
 )
@@ -116,9 +117,15 @@ def link_frame(
     for i in range(frame.height):
         mentions = []
         for f in fields:
-            text = columns[f][i]
-            if text:
-                mentions += [(f, s, text) for s in linker.link(text)]
+            value = columns[f][i]
+            texts = (
+                [(f, value)]
+                if not isinstance(value, list)
+                else [(f"{f}[{j}]", v) for j, v in enumerate(value)]
+            )
+            for name, text in texts:
+                if text:
+                    mentions += [(name, s, text) for s in linker.link(text)]
         spans.append(
             [
                 {

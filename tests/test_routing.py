@@ -83,6 +83,25 @@ def test_link_frame_keeps_mentions_and_marks_unlinked_inputs():
     ]
 
 
+def test_choice_tasks_link_their_options_and_contexts():
+    linker = EntityLinker(["Insulin", "Polyuria", "Glucagon"])
+    frame = pl.DataFrame(
+        {
+            "id": ["q"],
+            "text_a": ["Which hormone is lacking in polyuria?"],
+            "text_b": [None],
+            "choices": [["Glucagon", "Insulin"]],
+            "contexts": [["", "Lack of insulin causes polyuria."]],
+        },
+        schema_overrides={"text_b": pl.String},
+    )
+    out = link_frame(frame, linker, np.array([0, 1, 0]), 2)
+    fields = [m["field"] for m in out["spans"][0].to_list()]
+    assert fields == ["text_a", "choices[0]", "choices[1]", "contexts[1]", "contexts[1]"]
+    # polyuria x 2 and glucagon in partition 0, insulin x 2 in partition 1
+    np.testing.assert_allclose(out["route"].to_list()[0], [0.6, 0.4], rtol=1e-6)
+
+
 def test_probe_links_cover_every_question_and_name_its_partition(links):
     _, summary = links
     for split in ("train", "dev", "test"):
