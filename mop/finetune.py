@@ -126,6 +126,9 @@ class BilinearHead(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.eye(hidden))
         self.scale = torch.nn.Parameter(torch.tensor(1.0))
         self.bias = torch.nn.Parameter(torch.tensor(0.0))
+        # The mean of the training data's raw candidate vectors: kept with the weights so
+        # that an exported model centres new candidates as the run did (mop.export).
+        self.register_buffer("centre", torch.zeros(1, hidden))
 
     def forward(self, query: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
         score = self.scale * ((query @ self.weight) * candidate).sum(-1) + self.bias
@@ -402,10 +405,12 @@ def with_candidates(
     data: dict[str, EncodedSplit],
     task_dir: str | Path,
     runtime: Runtime | None = None,
-) -> dict[str, EncodedSplit]:
+    centre: torch.Tensor | None = None,
+) -> tuple[dict[str, EncodedSplit], torch.Tensor]:
     """Attach each example's candidate vector: the frozen base encoder's [CLS] vector of
-    its `candidate` text, centred over all candidates and of unit length."""
-    from mop.pretrain import name_vectors
+    its `candidate` text, centred (on the mean over all distinct candidates, or on a given
+    `centre`: an exported model's) and of unit length. Returns the data and the centre."""
+    from mop.pretrain import centred, raw_name_vectors
 
     for s, split in data.items():
         if "candidate" not in split.frame.columns:
@@ -414,12 +419,16 @@ def with_candidates(
                 "candidate column (probe: format pair)"
             )
     names = sorted({c for split in data.values() for c in split.frame["candidate"].to_list()})
-    vectors = name_vectors(load_base_model(spec), tokenizer, names, runtime=runtime)
+    raw = raw_name_vectors(load_base_model(spec), tokenizer, names, runtime=runtime)
+    if centre is None:
+        centre = raw.mean(0, keepdim=True)
+    vectors = centred(raw, centre)
     index = {n: i for i, n in enumerate(names)}
-    return {
+    out = {
         s: replace(split, candidates=vectors[[index[c] for c in split.frame["candidate"]]])
         for s, split in data.items()
     }
+    return out, centre
 
 
 def with_routes(
@@ -455,9 +464,8 @@ def load_data(
     runtime: Runtime | None = None,
     links: str | Path | None = None,
 ) -> dict[str, EncodedSplit]:
-    """The three splits with their tokens, labels checked, plus candidate vectors (bilinear
-    head), routes (oracle) and linked partitions (`mop link`'s links.parquet, for routed
-    mixtures) where the run uses them."""
+    """The three splits with their tokens, labels checked, plus routes (oracle) and linked
+    partitions (`mop link`'s links.parquet, for routed mixtures) where the run uses them."""
     data = {}
     for s in SPLITS:
         data[s] = load_split(
@@ -469,8 +477,6 @@ def load_data(
             max_length=cfg.max_length,
         )
         check_labels(task, data[s], Path(task_dir) / f"{s}.parquet")
-    if cfg.head == "bilinear":
-        data = with_candidates(spec, tokenizer, data, task_dir, runtime)
     if method == "oracle":
         data = with_routes(data, task_dir, adapters_given)
     if links is not None:
@@ -540,7 +546,12 @@ def finetune(
         rt,
         links if routed else None,
     )
+    centre = None
+    if cfg.head == "bilinear":
+        data, centre = with_candidates(spec, tokenizer, data, task_dir, rt)
     model, fusion_name = build_classifier(spec, task, method, adapter_dirs, cfg)
+    if centre is not None:
+        model.head.centre.copy_(centre)
     forward = rt.prepare(model)
     train = data["train"]
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -714,6 +725,15 @@ def finetune(
         model.cpu()
         with atomic_path(out / "model.safetensors") as tmp:
             save_model(model, str(tmp))
+        # What `mop export` needs to rebuild the model around these weights.
+        record = {
+            "task": task.name,
+            "method": method,
+            "model": asdict(spec),
+            "adapters": [str(Path(d).resolve()) for d in adapter_dirs],
+            "finetune": asdict(cfg),
+        }
+        write_json(record, out / "run.json")
     write_json(metrics, out / "metrics.json")
     ckpt.remove()
     if tracker:

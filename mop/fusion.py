@@ -255,14 +255,38 @@ def add_mixture(model: nn.Module, adapter_names: list[str], mixture: MixtureConf
     """
     fuse = Fuse(*adapter_names)
     model.add_adapter_fusion(fuse, "dynamic")
-    for layers, old in fusion_layers(model, fuse.name):
-        new = MixtureFusion(old.config, old.dense_size, old.dropout.p, mixture)
-        new.load_state_dict(old.state_dict(), strict=False)
-        layers[fuse.name] = new
-    model.set_active_adapters(fuse)
+    use_mixture(model, fuse, mixture)
     for p in model.parameters():
         p.requires_grad_(True)
     return fuse
+
+
+def use_mixture(model: nn.Module, fuse: Fuse, mixture: MixtureConfig) -> None:
+    """Turn the library's fusion layers of `fuse` (added, or loaded with
+    `load_adapter_fusion`) into MixtureFusion layers with the same weights; activate it."""
+    for layers, old in fusion_layers(model, fuse.name):
+        new = MixtureFusion(old.config, old.dense_size, old.dropout.p, mixture)
+        new.load_state_dict(old.state_dict(), strict=False)
+        layers[fuse.name] = new.to(next(old.parameters()).device)
+    model.set_active_adapters(fuse)
+
+
+def extra_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The mixture layers' weights the library's fusion does not have (MoE noise), by
+    layer index: what an export keeps beside the library's fusion file."""
+    return {
+        f"{i}.{name}": t.detach().cpu().contiguous()
+        for i, layer in enumerate(mixtures(model))
+        for name, t in layer.state_dict().items()
+        if name.startswith("noise.")
+    }
+
+
+def load_extra_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    layers = mixtures(model)
+    for key, tensor in state.items():
+        i, name = key.split(".", 1)
+        layers[int(i)].load_state_dict({name: tensor}, strict=False)
 
 
 def mixtures(model: nn.Module) -> list[MixtureFusion]:

@@ -274,15 +274,14 @@ def build_adapter_model(
     return encoder
 
 
-def name_vectors(
+def raw_name_vectors(
     encoder: torch.nn.Module,
     tokenizer: Any,
     names: list[str],
     batch_size: int = 256,
     runtime: Runtime | None = None,
 ) -> torch.Tensor:
-    """Centred, unit-length [CLS] vectors of entity names from `encoder` as it is (our
-    entity head initialisation, and the probe's candidate vectors); on the CPU, fp32.
+    """[CLS] vectors of entity names from `encoder` as it is; on the CPU, fp32.
 
     Computed on the runtime's device (the encoder comes back to where it was)."""
     rt = runtime or Runtime(next(encoder.parameters()).device)
@@ -300,8 +299,25 @@ def name_vectors(
                 ).last_hidden_state
             out[torch.from_numpy(idx)] = hidden[:, 0].float().cpu()
     encoder.to(home)
-    out = out - out.mean(0, keepdim=True)
-    return torch.nn.functional.normalize(out, dim=-1)
+    return out
+
+
+def centred(vectors: torch.Tensor, centre: torch.Tensor | None = None) -> torch.Tensor:
+    """Unit-length vectors after subtracting `centre` (default: their own mean)."""
+    c = vectors.mean(0, keepdim=True) if centre is None else centre
+    return torch.nn.functional.normalize(vectors - c, dim=-1)
+
+
+def name_vectors(
+    encoder: torch.nn.Module,
+    tokenizer: Any,
+    names: list[str],
+    batch_size: int = 256,
+    runtime: Runtime | None = None,
+) -> torch.Tensor:
+    """Centred, unit-length [CLS] vectors of entity names (our entity head initialisation,
+    and the probe's candidate vectors)."""
+    return centred(raw_name_vectors(encoder, tokenizer, names, batch_size, runtime))
 
 
 # ----------------------------------------------------------------------------- probes

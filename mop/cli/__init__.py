@@ -18,11 +18,22 @@ import argparse
 import sys
 import time
 
-from mop.cli import analysis, finetune, kg, partition, plan, pretrain, report, tasks, tracking
+from mop.cli import (
+    analysis,
+    export,
+    finetune,
+    kg,
+    partition,
+    plan,
+    pretrain,
+    report,
+    tasks,
+    tracking,
+)
 from mop.errors import MopError, Preempted
 from mop.log import log
 
-MODULES = (plan, kg, partition, pretrain, tasks, finetune, analysis, report, tracking)
+MODULES = (plan, kg, partition, pretrain, tasks, finetune, analysis, report, tracking, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,316 @@
+"""Take a fine-tuned model home: export a run in the libraries' own formats, load it back,
+predict on new text.
+
+`export_run` writes a folder laid out as a Hugging Face model repository (what
+`huggingface_hub.upload_folder` publishes):
+
+- `config.json`, `model.safetensors`, tokenizer files: the fine-tuned base encoder
+  (`transformers.AutoModel.from_pretrained(DIR)` loads it; no adapter weights inside);
+- `adapters/p<i>/`: each partition adapter as `adapters` saves it (`save_adapter`);
+- `fusion/`: the mixture layer as `adapters` saves an AdapterFusion
+  (`save_adapter_fusion`), with `mixture.json` (our kind: softmax, Gumbel, MoE, routing
+  switches and their settings) and `mixture_extra.safetensors` (weights AdapterFusion does
+  not have: the MoE noise projections) beside it;
+- `head.safetensors` and `mop.json`: the task head and what a loader needs (task, kind,
+  labels, pooling, head, max_length, method, adapters, and the base model the bilinear
+  head's candidate vectors come from);
+- `README.md`: a model card.
+
+`load(DIR)` rebuilds the model from those files alone (plus, for a bilinear head, the
+original base model the candidates are encoded with) and `Predictor.predict` scores a
+frame of new inputs as the run scored its test split.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import adapters
+import numpy as np
+import polars as pl
+import torch
+from adapters import Fuse
+from safetensors.torch import load_file, load_model, save_file
+from transformers import AutoModel
+
+from mop.errors import MopError
+from mop.finetune import (
+    Classifier,
+    FinetuneConfig,
+    build_classifier,
+    predict,
+    with_candidates,
+)
+from mop.fusion import MixtureConfig, extra_state, load_extra_state, use_mixture
+from mop.io import atomic_dir, read_json, write_json
+from mop.models import ModelSpec, load_tokenizer
+from mop.tasks import TaskSpec, get_task
+from mop.tasks.encode import EncodedSplit, _from_tokens, encode_frame
+from mop.training import Runtime
+
+FORMAT = 1
+LICENCES = {
+    "hpo": "Human Phenotype Ontology: see https://hpo.jax.org/license (cite Köhler et al.)",
+    "umls": "UMLS Metathesaurus: the UMLS licence applies to anything derived from it",
+    "rf2": "SNOMED CT: the SNOMED CT affiliate licence applies to anything derived from it",
+}
+
+
+def spec_from_dict(d: dict[str, Any]) -> ModelSpec:
+    tok = d.get("tokenizer")
+    return ModelSpec(**{**d, "tokenizer": spec_from_dict(tok) if tok else None})
+
+
+def config_from_dict(d: dict[str, Any]) -> FinetuneConfig:
+    names = {f.name for f in fields(FinetuneConfig)}
+    cfg = FinetuneConfig(**{k: v for k, v in d.items() if k in names and k != "mixture"})
+    return replace(cfg, mixture=MixtureConfig(**d.get("mixture", {})))
+
+
+def _run_files(run_dir: Path) -> tuple[dict, dict]:
+    if not (run_dir / "metrics.json").is_file():
+        raise MopError(f"{run_dir}: not a finished fine-tuning run (no metrics.json)")
+    if not (run_dir / "run.json").is_file() or not (run_dir / "model.safetensors").is_file():
+        raise MopError(
+            f"{run_dir}: no saved model (run.json, model.safetensors); the run was made with "
+            "finetune.save_model: false; set it to true and run it again"
+        )
+    return read_json(run_dir / "run.json"), read_json(run_dir / "metrics.json")
+
+
+def _model_card(meta: dict, metrics: dict, run_dir: Path) -> str:
+    task = meta["task"]
+    main = metrics["main_metric"]
+    lines = [
+        "---",
+        "library_name: adapters",
+        "tags: [mop, mixture-of-partitions, adapter-transformers, knowledge-graph]",
+        "---",
+        "",
+        f"# {meta['method']} on {task}: a `mop` export",
+        "",
+        "Fine-tuned with Mixture-of-Partitions (Meng et al., EMNLP 2021): a biomedical "
+        "knowledge graph split into partitions with METIS, one adapter per partition "
+        "trained by entity prediction, all adapters mixed into the base model for the task.",
+        "",
+        f"- base model: `{meta['base_model']}`",
+        f"- method: {meta['method']}"
+        + (f", mixture `{meta['mixture']['kind']}`" if meta.get("mixture") else ""),
+        f"- task: {task} ({meta['kind']}, labels {', '.join(meta['labels'])})",
+        f"- max_length {meta['max_length']}, pooling {meta['pooling']}, head {meta['head']}",
+        f"- seed {metrics['seed']}, best epoch {metrics['best_epoch']}",
+        f"- {main}: dev {metrics.get('dev_' + main, float('nan')):.4f}, "
+        f"test {metrics.get('test_' + main, float('nan')):.4f}",
+        f"- run folder: `{run_dir}`",
+    ]
+    kg = meta.get("kg")
+    if kg:
+        lines += [
+            "",
+            "## Knowledge graph",
+            "",
+            f"- KG `{kg['name']}` ({kg.get('source', '?')}): {kg.get('entities', '?')} entities, "
+            f"{kg.get('relations', '?')} relations, {kg.get('triples', '?')} triples",
+            f"- K = {kg.get('k')} partitions ({kg.get('scheme')}), "
+            f"{kg.get('retained_share', float('nan')):.1%} of the triples inside a partition",
+            f"- licence: {LICENCES.get(kg.get('source', ''), 'that of the source you used')}",
+        ]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import mop",
+        "model = mop.load('THIS_FOLDER')",
+        "probs = model.predict_records([{'text_a': '...'}])",
+        "```",
+        "",
+        "or `mop predict THIS_FOLDER --input questions.jsonl --out predictions.jsonl`. "
+        "The base encoder alone loads with `transformers.AutoModel.from_pretrained`, each "
+        "adapter with `model.load_adapter('adapters/p0')`, the fusion with "
+        "`model.load_adapter_fusion('fusion')` (its mixture kind is in `fusion/mixture.json`).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _kg_facts(adapter_dirs: list[str]) -> dict | None:
+    """The KG and partition of the adapters, read from the results tree, when present."""
+    from mop.plan import Run
+
+    if not adapter_dirs:
+        return None
+    try:
+        run = Run.parse(Path(adapter_dirs[0]).parent)
+        root = Path(Run.root(Path(adapter_dirs[0]).parent))
+    except MopError:
+        return None
+    out: dict[str, Any] = {"name": run.kg, "k": run.k, "scheme": run.scheme}
+    stats = root / Run("kg", kg=run.kg).folder("") / "stats.json"
+    part = root / Run("partition", kg=run.kg, k=run.k, scheme=run.scheme).folder("")
+    if stats.is_file():
+        s = read_json(stats)
+        out |= {x: s.get(x) for x in ("source", "entities", "relations", "triples")}
+    if (part / "stats.json").is_file():
+        out["retained_share"] = read_json(part / "stats.json").get("triples_retained_share")
+    return out
+
+
+# Parameter names the `adapters` library adds to a model (adapters, fusion, and its views of
+# the embeddings): the exported base encoder leaves them out.
+ADAPTER_KEYS = ("adapter", "prompt_tuning", "prefix_tuning", "invertible", "shared_parameters")
+
+
+def _added_by_adapters(key: str) -> bool:
+    return any(part in key for part in ADAPTER_KEYS)
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Export a finished run (made with `save_model: true`) to `out_dir`; return mop.json."""
+    run_dir = Path(run_dir)
+    record, metrics = _run_files(run_dir)
+    method = record["method"]
+    if method == "oracle":
+        raise MopError(
+            f"{run_dir}: an oracle run routes by the probe's own partition column; "
+            "it has no model to export for new inputs"
+        )
+    spec = spec_from_dict(record["model"])
+    task = get_task(record["task"])
+    cfg = config_from_dict(record["finetune"])
+    if method == "mop" and cfg.mixture.prior:
+        raise MopError(
+            f"{run_dir}: a -prior mixture needs each new input's linked partitions at "
+            "inference, which an export does not carry; export a -routed or plain mixture"
+        )
+    adapter_dirs = [Path(a) for a in record["adapters"]]
+    model, fusion_name = build_classifier(spec, task, method, adapter_dirs, cfg)
+    load_model(model, str(run_dir / "model.safetensors"), strict=True)
+    encoder = model.encoder
+    names = [f"p{i}" for i in range(len(adapter_dirs))]
+    meta = {
+        "format": FORMAT,
+        "task": task.name,
+        "kind": task.kind,
+        "labels": list(task.labels),
+        "method": method,
+        "base_model": spec.identifier(),
+        "candidate_encoder": asdict(spec) if cfg.head == "bilinear" else None,
+        "max_length": cfg.max_length,
+        "pooling": cfg.pooling,
+        "head": cfg.head,
+        "dropout": cfg.dropout,
+        "head_size": task.head_size,
+        "adapters": names,
+        "fusion": fusion_name,
+        "mixture": asdict(cfg.mixture) if fusion_name else None,
+        "kg": _kg_facts(record["adapters"]),
+        "metrics": {k: v for k, v in metrics.items() if k.split("_")[0] in ("dev", "test")},
+        "seed": metrics["seed"],
+    }
+    with atomic_dir(out_dir) as tmp:
+        base = {k: v for k, v in encoder.state_dict().items() if not _added_by_adapters(k)}
+        config = encoder.config.to_dict()
+        for key in ("adapters", "adapter_fusion_models"):
+            config.pop(key, None)
+        type(encoder).config_class.from_dict(config).save_pretrained(tmp)
+        save_file(
+            {k: v.contiguous() for k, v in base.items()},
+            tmp / "model.safetensors",
+            metadata={"format": "pt"},
+        )
+        load_tokenizer(spec).save_pretrained(tmp)
+        for name in names:
+            (tmp / "adapters" / name).mkdir(parents=True)
+            encoder.save_adapter(str(tmp / "adapters" / name), name, use_safetensors=True)
+        if fusion_name:
+            encoder.save_adapter_fusion(str(tmp / "fusion"), fusion_name, use_safetensors=True)
+            write_json(asdict(cfg.mixture), tmp / "fusion" / "mixture.json")
+            extra = extra_state(encoder)
+            if extra:
+                save_file(extra, tmp / "fusion" / "mixture_extra.safetensors")
+        save_file(
+            {k: v.contiguous() for k, v in model.head.state_dict().items()},
+            tmp / "head.safetensors",
+        )
+        write_json(meta, tmp / "mop.json")
+        (tmp / "README.md").write_text(_model_card(meta, metrics, run_dir))
+    return meta
+
+
+@dataclass
+class Predictor:
+    """An exported model, ready to score new inputs of its task."""
+
+    model: Classifier
+    task: TaskSpec
+    tokenizer: Any
+    meta: dict[str, Any]
+    runtime: Runtime
+
+    def encode(self, frame: pl.DataFrame) -> EncodedSplit:
+        kind = self.task.kind
+        if "label" not in frame.columns:
+            width = self.task.head_size if kind == "multi" else None
+            frame = frame.with_columns(
+                label=pl.Series([[0] * width] * frame.height) if width else pl.lit(0)
+            )
+        if "id" not in frame.columns:
+            frame = frame.with_row_index("id").with_columns(pl.col("id").cast(pl.String))
+        tokens = encode_frame(frame, self.tokenizer, self.meta["max_length"], kind)
+        split = _from_tokens(frame, tokens, kind)
+        if self.meta["head"] == "bilinear":
+            spec = spec_from_dict(self.meta["candidate_encoder"])
+            centre = self.model.head.centre.cpu()
+            split = with_candidates(
+                spec, self.tokenizer, {"x": split}, "input", self.runtime, centre
+            )[0]["x"]
+        return split
+
+    def predict(self, frame: pl.DataFrame, batch_size: int = 64) -> np.ndarray:
+        """Class (or label, or option) probabilities, one row per input row."""
+        split = self.encode(frame)
+        pad = self.tokenizer.pad_token_id
+        probs, _, _ = predict(self.model, self.task, split, pad, batch_size, runtime=self.runtime)
+        return probs
+
+    def predict_records(self, records: list[dict[str, Any]], batch_size: int = 64) -> np.ndarray:
+        return self.predict(pl.DataFrame(records), batch_size)
+
+
+def load(path: str | Path, device: str = "cpu") -> Predictor:
+    """Rebuild an exported model (mop export) on `device` (cpu, cuda, cuda:N, auto)."""
+    path = Path(path)
+    if not (path / "mop.json").is_file():
+        raise MopError(f"{path}: not a mop export (no mop.json)")
+    meta = read_json(path / "mop.json")
+    if meta.get("format") != FORMAT:
+        raise MopError(f"{path}/mop.json: export format {meta.get('format')}, expected {FORMAT}")
+    start = time.perf_counter()
+    encoder = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    names = meta["adapters"]
+    if names:
+        adapters.init(encoder)
+        for name in names:
+            encoder.load_adapter(str(path / "adapters" / name), load_as=name, use_safetensors=True)
+        if meta["fusion"]:
+            encoder.load_adapter_fusion(str(path / "fusion"), use_safetensors=True)
+            mixture = MixtureConfig(**read_json(path / "fusion" / "mixture.json"))
+            use_mixture(encoder, Fuse(*names), mixture)
+            extra = path / "fusion" / "mixture_extra.safetensors"
+            if extra.is_file():
+                load_extra_state(encoder, load_file(extra))
+        else:
+            encoder.set_active_adapters(names[0])
+    model = Classifier(encoder, meta["head_size"], meta["dropout"], meta["pooling"], meta["head"])
+    model.head.load_state_dict(load_file(path / "head.safetensors"))
+    rt = Runtime.create(device, threads=torch.get_num_threads())
+    model.to(rt.device).eval()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    meta["load_seconds"] = time.perf_counter() - start
+    return Predictor(model, get_task(meta["task"]), tokenizer, meta, rt)
