@@ -73,12 +73,12 @@ def config_from_dict(d: dict[str, Any]) -> FinetuneConfig:
 def _run_files(run_dir: Path) -> tuple[dict, dict]:
     if not (run_dir / "metrics.json").is_file():
         raise MopError(f"{run_dir}: not a finished fine-tuning run (no metrics.json)")
-    if not (run_dir / "run.json").is_file() or not (run_dir / "model.safetensors").is_file():
+    if not (run_dir / "model.json").is_file() or not (run_dir / "model.safetensors").is_file():
         raise MopError(
-            f"{run_dir}: no saved model (run.json, model.safetensors); the run was made with "
+            f"{run_dir}: no saved model (model.json, model.safetensors); the run was made with "
             "finetune.save_model: false; set it to true and run it again"
         )
-    return read_json(run_dir / "run.json"), read_json(run_dir / "metrics.json")
+    return read_json(run_dir / "model.json"), read_json(run_dir / "metrics.json")
 
 
 def _model_card(meta: dict, metrics: dict, run_dir: Path) -> str:

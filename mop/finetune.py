@@ -733,7 +733,7 @@ def finetune(
             "adapters": [str(Path(d).resolve()) for d in adapter_dirs],
             "finetune": asdict(cfg),
         }
-        write_json(record, out / "run.json")
+        write_json(record, out / "model.json")
     write_json(metrics, out / "metrics.json")
     ckpt.remove()
     if tracker:
