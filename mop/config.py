@@ -121,10 +121,15 @@ def check_tasks(config: dict[str, Any]) -> list[str]:
                 f"(tasks.{task}.path: the folder with its data). {get_task(task).source}"
             )
             continue
-        try:
-            check_data(task, options)
-        except MopError as exc:
-            missing.append(str(exc))
+        if options.get("download"):
+            from mop.download import source
+
+            source(task, options)  # a task without a public source is an error here
+        else:
+            try:
+                check_data(task, options)
+            except MopError as exc:
+                missing.append(str(exc))
         folds = get_task(task).folds
         bad = [s for s in task_seeds(config, task) if folds and not 0 <= s < folds]
         if bad:

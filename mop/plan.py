@@ -317,8 +317,21 @@ class Plan:
         return {
             k: v
             for k, v in self.config["tasks"].get(task, {}).items()
-            if k not in ("finetune", "controls")
+            if k not in ("finetune", "controls", "download", "url", "sha256")
         }
+
+    def downloads(self) -> dict[str, dict[str, str]]:
+        """The tasks to download (`tasks.<name>.download: true`): file, url, sha256, and
+        where the file goes."""
+        from mop.download import source
+
+        out = {}
+        for task in self.ft["tasks"]:
+            options = self.config["tasks"].get(task, {})
+            if options.get("download"):
+                src = source(task, options)
+                out[task] = src | {"out": str(Path(options["path"]) / src["file"])}
+        return out
 
     def finetune_options(self, run: Run) -> dict[str, Any]:
         """Exactly the training settings a fine-tuning run reads: the base model's learning

@@ -68,7 +68,20 @@ def cmd_link(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_download(args: argparse.Namespace) -> None:
+    from mop.download import download
+
+    out = download(args.url, args.sha256, args.out)
+    log(f"downloaded {args.url} -> {out} (SHA-256 checked)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("download", help="fetch a dataset file, checked against its SHA-256")
+    p.add_argument("--url", required=True)
+    p.add_argument("--sha256", required=True, help="the expected digest (hex)")
+    p.add_argument("--out", required=True, help="where the file goes (only if it matches)")
+    p.set_defaults(func=cmd_download)
+
     p = sub.add_parser("link", help="link a task's inputs to KG entities and their partitions")
     p.add_argument("--task-dir", required=True, help="the prepared task")
     p.add_argument("--kg", required=True, help="the KG folder")

@@ -89,7 +89,8 @@ def folders(files):
 def task_files(task):
     """The official data files a task's prepare step reads (those present, in a dry run)."""
     files = data_files(task, PLAN.task_data_options(task))
-    return [str(p) for p in files if not DRY_RUN or p.is_file()]
+    fetched = task in PLAN.downloads()
+    return [str(p) for p in files if not DRY_RUN or fetched or p.is_file()]
 
 
 def files_in(kind, *names):

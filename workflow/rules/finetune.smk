@@ -79,6 +79,25 @@ use rule task_data as task_pubmedqa with:
         out=lambda w, output: os.path.dirname(output.summary),
 
 
+for _task, _src in PLAN.downloads().items():
+
+    rule:
+        name:
+            f"download_{_task}"
+        output:
+            _src["out"],
+        log:
+            log_pattern("task", R).replace("{task}", f"download-{_task}"),
+        conda:
+            "../envs/mop.yaml"
+        params:
+            url=_src["url"],
+            sha256=_src["sha256"],
+        shell:
+            "mop download --url {params.url:q} --sha256 {params.sha256} --out {output:q}"
+            " 2> {log:q}"
+
+
 rule encode:
     input:
         pattern("task", "summary.json", R),
