@@ -199,6 +199,11 @@ def preflight(config: dict[str, Any], missing_ok: bool = False) -> list[str]:
             if isinstance(value, str) and not Path(value).exists():
                 missing.append(f"config key kgs.{name}.{key}: {value} does not exist")
     ft = config["finetune"]
+    if config.get("tracking", {}).get("log_models") and not ft["save_model"]:
+        raise MopError(
+            "config key tracking.log_models: logging the fine-tuned models needs their "
+            "weights; set finetune.save_model: true"
+        )
     for name in ft.get("kgs") or []:
         if name not in config["kgs"]:
             raise MopError(f"config key finetune.kgs: unknown KG {name!r}")

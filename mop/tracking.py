@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -33,6 +34,7 @@ KEY_TAG = "mop.run_key"
 INVOCATION_TAG = "mop.invocation"
 INVOCATION_ENV = "MOP_INVOCATION"
 EXPERIMENT_ENV = "MOP_EXPERIMENT"
+LOG_MODELS_ENV = "MOP_LOG_MODELS"
 PARENT_TAG = "mop.parent_of"
 HASH_TAG = "mop.record_hash"
 TAG_NAMES = (
@@ -98,8 +100,10 @@ class Tracker:
             "params": flatten(params),
             "metrics": [],
             "artifacts": [],
+            "inputs": [],
             "start_ms": int(time.time() * 1000),
         }
+        self._watcher: SystemWatcher | None = None
 
     @classmethod
     def for_run(
@@ -131,13 +135,90 @@ class Tracker:
     def log_artifact(self, path: str | Path) -> None:
         self.record["artifacts"].append(str(Path(path).resolve()))
 
+    def log_input(self, path: str | Path, name: str, context: str) -> None:
+        """A dataset the run read (lineage in MLflow: name, digest, source, schema)."""
+        self.record["inputs"].append(dataset_record(path, name, context))
+
+    def watch_system(self, interval: float = 10.0) -> None:
+        """Sample CPU, memory (and GPU memory) every `interval` seconds until `finish`, as
+        MLflow's system metrics (`system/...`)."""
+        if self._watcher is None:
+            self._watcher = SystemWatcher(self, interval)
+            self._watcher.start()
+
     def finish(self, status: str = "FINISHED") -> Path:
+        if self._watcher is not None:
+            self._watcher.stop()
         self.record["status"] = status
         self.record["end_ms"] = int(time.time() * 1000)
         path = self.out_dir / RUN_FILE
         write_json(self.record, path)
         try_sync(path, default_tracking_uri(self.results_dir), self.results_dir)
         return path
+
+
+class SystemWatcher(threading.Thread):
+    """A daemon thread that logs system metrics into a Tracker's record."""
+
+    def __init__(self, tracker: Tracker, interval: float):
+        super().__init__(daemon=True)
+        self.tracker, self.interval = tracker, interval
+        self.done = threading.Event()
+        self.step = 0
+
+    def sample(self) -> None:
+        import psutil
+
+        mem = psutil.virtual_memory()
+        metrics = {
+            "system/cpu_utilization_percentage": psutil.cpu_percent(),
+            "system/system_memory_usage_megabytes": (mem.total - mem.available) / 2**20,
+            "system/system_memory_usage_percentage": mem.percent,
+            "system/process_memory_rss_megabytes": psutil.Process().memory_info().rss / 2**20,
+        }
+        import torch
+
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                used = torch.cuda.memory_reserved(i) / 2**20
+                metrics[f"system/gpu_{i}_memory_usage_megabytes"] = used
+        self.tracker.log_metrics(metrics, self.step)
+        self.step += 1
+
+    def run(self) -> None:
+        import psutil
+
+        psutil.cpu_percent()  # the first call only sets the reference point
+        while not self.done.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(timeout=5)
+        self.sample()
+
+
+def dataset_record(path: str | Path, name: str, context: str) -> dict[str, Any]:
+    """What MLflow's dataset lineage holds of a file: name, digest, source and, for a
+    Parquet table, its columns."""
+    from mop.training import file_digest
+
+    path = Path(path).resolve()
+    schema = ""
+    if path.suffix == ".parquet":
+        import polars as pl
+
+        cols = pl.read_parquet_schema(path)
+        schema = json.dumps(
+            {"mlflow_colspec": [{"name": c, "type": str(t)} for c, t in cols.items()]}
+        )
+    return {
+        "name": name,
+        "digest": file_digest(path)[:16],
+        "source": path.as_uri(),
+        "schema": schema,
+        "context": context,
+    }
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
@@ -215,6 +296,8 @@ def sync_record(path: str | Path, uri: str, results_dir: str | Path = "results")
             client.log_batch(run_id, params=params[i : i + 100])
         for i in range(0, len(metrics), 1000):
             client.log_batch(run_id, metrics=metrics[i : i + 1000])
+        if record.get("inputs"):
+            client.log_inputs(run_id, datasets=[_dataset_input(d) for d in record["inputs"]])
         for artifact in record["artifacts"]:
             if Path(artifact).is_file():
                 client.log_artifact(run_id, artifact)
@@ -223,6 +306,19 @@ def sync_record(path: str | Path, uri: str, results_dir: str | Path = "results")
         client.set_tag(run_id, "mlflow.runName", record["run_name"])
         client.set_terminated(run_id, record.get("status", "FINISHED"), record.get("end_ms"))
         return "logged" if not existing else "replaced"
+
+
+def _dataset_input(d: Mapping[str, str]) -> Any:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(
+        name=d["name"],
+        digest=d["digest"],
+        source_type="local",
+        source=json.dumps({"uri": d["source"]}),
+        schema=d["schema"] or None,
+    )
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", d["context"])])
 
 
 def try_sync(path: str | Path, uri: str, results_dir: str | Path = "results") -> bool:
@@ -239,12 +335,55 @@ def try_sync(path: str | Path, uri: str, results_dir: str | Path = "results") ->
         return False
 
 
-def sync_all(results_dir: str | Path, uri: str | None = None) -> dict[str, int]:
-    """Log every run record under `results_dir` that MLflow lacks (idempotent)."""
+def sync_all(
+    results_dir: str | Path, uri: str | None = None, log_models: bool | None = None
+) -> dict[str, int]:
+    """Log every run record under `results_dir` that MLflow lacks (idempotent); with
+    `log_models` (default: $MOP_LOG_MODELS = 1) also the fine-tuned models (mop.serving)."""
     results_dir = Path(results_dir)
     uri = uri or default_tracking_uri(results_dir)
+    if log_models is None:
+        log_models = os.environ.get(LOG_MODELS_ENV) == "1"
     counts: dict[str, int] = {}
     for path in sorted(results_dir.rglob(RUN_FILE)):
         outcome = sync_record(path, uri, results_dir)
         counts[outcome] = counts.get(outcome, 0) + 1
+    if log_models:
+        counts["models"] = sync_models(results_dir, uri)
     return counts
+
+
+def sync_models(results_dir: Path, uri: str) -> int:
+    """Log and register the model of every fine-tuning run that saved one (once each),
+    then set the registered models' aliases; return how many versions there are."""
+    from mlflow.tracking import MlflowClient
+
+    from mop import serving
+    from mop.plan import Run
+
+    client = MlflowClient(tracking_uri=uri)
+    logged: dict[str, list[tuple[int, float, str]]] = {}
+    for weights in sorted(results_dir.rglob("finetune/**/model.json")):
+        run_dir = weights.parent
+        if not (run_dir / RUN_FILE).is_file():
+            continue
+        record = read_json(run_dir / RUN_FILE)
+        with _store_lock(uri):
+            exp = client.get_experiment_by_name(record["experiment"])
+            found = client.search_runs(
+                [exp.experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{record['key']}'"
+            )
+        if not found:
+            continue
+        run = found[0]
+        version = run.data.tags.get(serving.MODEL_TAG)
+        with _store_lock(uri):
+            if version is None:
+                name, number = serving.log_model(uri, run.info.run_id, run_dir)
+            else:
+                name, number = serving.registered_name(Run.parse(run_dir)), int(version)
+        label = serving.method_label(Run.parse(run_dir))
+        logged.setdefault(name, []).append((number, serving.dev_score(run_dir), label))
+    with _store_lock(uri):
+        serving.set_aliases(client, logged)
+    return sum(len(v) for v in logged.values())

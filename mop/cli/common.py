@@ -77,6 +77,12 @@ def model_spec(args: argparse.Namespace, alias: str) -> Any:
 
 
 def tracker(args: argparse.Namespace, params: dict[str, Any], **tags: Any) -> Any:
+    """The job's tracker; training jobs also sample system metrics ($MOP_SYSTEM_METRICS
+    seconds apart, 0: off)."""
     from mop.tracking import Tracker
 
-    return Tracker.for_run(args.out, params, getattr(args, "experiment", None), **tags)
+    track = Tracker.for_run(args.out, params, getattr(args, "experiment", None), **tags)
+    interval = float(os.environ.get("MOP_SYSTEM_METRICS", "10"))
+    if interval > 0 and args.command in ("pretrain", "finetune"):
+        track.watch_system(interval)
+    return track

@@ -57,6 +57,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if run.kind == "subset":
         extra["partitions"] = ",".join(str(Run.parse(a).part) for a in adapters)
     track = tracker(args, params, **extra)
+    for split in ("train", "dev", "test"):
+        track.log_input(Path(args.task_dir) / f"{split}.parquet", f"{run.task}-{split}", split)
+    if args.links:
+        track.log_input(args.links, f"{run.task}-links", "routing")
     m = finetune(
         spec,
         get_task(run.task),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from mop.cli.common import (
     add_experiment,
@@ -61,6 +62,10 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         "partition": args.partition,
     }
     track = tracker(args, params)
+    track.log_input(Path(args.kg) / "triples.parquet", f"{run.kg}-triples", "knowledge graph")
+    track.log_input(
+        Path(args.partition) / "membership.parquet", f"{run.kg}-k{run.k}-{run.scheme}", "partition"
+    )
     source = {"kg": args.kg, "partition_dir": args.partition, "partition": run.part}
     m = pretrain_partition(spec, data, cfg, args.out, track, source=source, runtime=runtime(args))
     track.finish()

@@ -11,7 +11,7 @@ def cmd_track(args: argparse.Namespace) -> None:
     from mop.tracking import default_tracking_uri, sync_all
 
     uri = args.uri or default_tracking_uri(args.results)
-    counts = sync_all(args.results, uri)
+    counts = sync_all(args.results, uri, args.log_models)
     print(f"{uri}: {counts}")
 
 
@@ -42,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("action", choices=["sync"])
     p.add_argument("--results", default="results")
     p.add_argument("--uri")
+    p.add_argument(
+        "--log-models",
+        action="store_true",
+        default=None,
+        help="also export and register the fine-tuned models (default: $MOP_LOG_MODELS=1)",
+    )
     p.set_defaults(func=cmd_track)
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the local store")

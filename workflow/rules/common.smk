@@ -47,6 +47,8 @@ os.environ.update(
     MOP_DEVICE=RT["device"],
     MOP_PRECISION=RT["precision"],
     MOP_COMPILE="1" if RT["compile"] else "0",
+    MOP_LOG_MODELS="1" if config["tracking"]["log_models"] else "0",
+    MOP_SYSTEM_METRICS=str(config["tracking"]["system_metrics"]),
 )
 if workflow.is_main_process:
     os.environ.setdefault("MOP_INVOCATION", time.strftime("%Y%m%d-%H%M%S"))

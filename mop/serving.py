@@ -1,0 +1,104 @@
+"""Fine-tuned models in MLflow: a `pyfunc` model per exported run, registered per task and
+base model, with aliases that point at the best run by dev metric.
+
+With `tracking.log_models: true` (or `mop track sync --log-models`), every finished
+fine-tuning run that saved its weights is exported (`mop export`, into `<run>/export`),
+logged to its MLflow run as a pyfunc model whose artifact is that export, and registered
+as a version of `mop-<task>-<model>`. Aliases: `best` (highest dev metric of the task's
+main metric among the versions) and `best-<method>` (`best-base`, `best-mop-softmax`, ...).
+`mlflow.pyfunc.load_model("models:/mop-probe-minilm-l6@best")` then predicts a pandas
+DataFrame with the task's input columns (text_a, text_b, candidate, choices).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+from mop.io import read_json
+from mop.plan import Run
+
+MODEL_TAG = "mop.model_version"
+ARTIFACT = "model"
+
+
+class MopModel(mlflow.pyfunc.PythonModel):
+    """A `mop export` folder behind MLflow's pyfunc interface."""
+
+    def load_context(self, context: Any) -> None:
+        from mop.export import load
+
+        self.model = load(context.artifacts["export"], device=os.environ.get("MOP_DEVICE", "cpu"))
+
+    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> Any:
+        import polars as pl
+
+        frame = (
+            pl.from_pandas(model_input)
+            if not isinstance(model_input, pl.DataFrame)
+            else model_input
+        )
+        if "text_b" not in frame.columns:
+            frame = frame.with_columns(text_b=pl.lit(None, dtype=pl.String))
+        return self.model.predict(frame)
+
+
+def registered_name(run: Run) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", f"mop-{run.task}-{run.model}")
+
+
+def method_label(run: Run) -> str:
+    return f"mop-{run.mixture}" if run.kind == "mop" else run.kind
+
+
+def log_model(uri: str, run_id: str, run_dir: Path) -> tuple[str, int]:
+    """Export `run_dir` (once), log it to MLflow run `run_id` and register a version;
+    return (registered name, version)."""
+    import mlflow
+
+    from mop.export import export_run
+
+    export = run_dir / "export"
+    weights = run_dir / "model.safetensors"
+    if not (export / "mop.json").is_file() or (
+        (export / "mop.json").stat().st_mtime < weights.stat().st_mtime
+    ):
+        export_run(run_dir, export)
+    name = registered_name(Run.parse(run_dir))
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=ARTIFACT,
+            python_model=MopModel(),
+            artifacts={"export": str(export)},
+            registered_model_name=name,
+            pip_requirements=["mop"],
+        )
+    version = int(info.registered_model_version)
+    mlflow.MlflowClient(uri).set_tag(run_id, MODEL_TAG, str(version))
+    return name, version
+
+
+def set_aliases(client: Any, logged: dict[str, list[tuple[int, float, str]]]) -> dict[str, str]:
+    """Point `best` and `best-<method>` of each registered model at the version with the
+    highest dev metric. `logged`: name -> [(version, dev metric, method label)]."""
+    out = {}
+    for name, versions in logged.items():
+        best = max(versions, key=lambda v: v[1])
+        client.set_registered_model_alias(name, "best", str(best[0]))
+        out[f"{name}@best"] = str(best[0])
+        for label in {v[2] for v in versions}:
+            own = max((v for v in versions if v[2] == label), key=lambda v: v[1])
+            alias = re.sub(r"[^A-Za-z0-9_-]", "_", f"best-{label}")
+            client.set_registered_model_alias(name, alias, str(own[0]))
+            out[f"{name}@{alias}"] = str(own[0])
+    return out
+
+
+def dev_score(run_dir: Path) -> float:
+    m = read_json(run_dir / "metrics.json")
+    return float(m[f"dev_{m['main_metric']}"])

@@ -1,0 +1,82 @@
+"""MLflow holds the fine-tuned models (pyfunc, registered, aliased), the datasets a run
+read and its system metrics: tested against a real `mlflow server`."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+
+from mop.tracking import Tracker
+from tests.conftest import snakemake
+
+
+def test_system_metrics_and_inputs_go_into_the_record(tmp_path, small_kg):
+    track = Tracker(tmp_path / "run", experiment="e", run_name="r", tags={}, params={})
+    track.log_input(small_kg / "triples.parquet", "kg-triples", "knowledge graph")
+    track.watch_system(0.05)
+    time.sleep(0.3)
+    path = track.finish()
+    record = yaml.safe_load(path.read_text())
+    names = {m[0] for m in record["metrics"]}
+    assert {"system/cpu_utilization_percentage", "system/process_memory_rss_megabytes"} <= names
+    steps = [m[2] for m in record["metrics"] if m[0] == "system/cpu_utilization_percentage"]
+    assert len(steps) >= 3 and steps == sorted(steps)
+    (dataset,) = record["inputs"]
+    assert dataset["name"] == "kg-triples" and dataset["context"] == "knowledge graph"
+    assert dataset["source"].startswith("file://") and len(dataset["digest"]) == 16
+    assert '"name": "head"' in dataset["schema"]
+
+
+@pytest.mark.slow
+def test_registered_models_load_by_alias_and_predict_the_same(
+    finished_run, mlflow_server, tmp_path
+):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    work = tmp_path / "work"
+    shutil.copytree(finished_run, work, symlinks=True)
+    extra = tmp_path / "models.yaml"
+    extra.write_text(
+        yaml.safe_dump(
+            {
+                "experiment": "mop-serving",
+                "finetune": {"save_model": True},
+                "tracking": {"log_models": True},
+            }
+        )
+    )
+    result = snakemake(
+        work,
+        "--configfile",
+        str(work / "config" / "config.yaml"),
+        str(extra),
+        tracking_uri=mlflow_server,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    best = client.get_model_version_by_alias("mop-probe-tiny", "best")
+    assert client.get_model_version_by_alias("mop-probe-tiny", "best-base").version
+    assert client.get_model_version_by_alias("mop-probe-tiny", "best-mop-softmax").version
+    run = client.get_run(best.run_id)
+    folder = work / "results" / run.data.tags["mop.run_key"]
+    # the alias points at the highest dev metric among the registered runs
+    versions = client.search_model_versions("name = 'mop-probe-tiny'")
+    devs = {v.version: client.get_run(v.run_id).data.metrics["dev_accuracy"] for v in versions}
+    assert devs[best.version] == max(devs.values()) and len(devs) >= 6
+    # lineage and system metrics of that run
+    inputs = {d.dataset.name for d in run.inputs.dataset_inputs}
+    assert {"probe-train", "probe-dev", "probe-test"} <= inputs
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model("models:/mop-probe-tiny@best")
+    test = pl.read_parquet(work / "results" / "tasks" / "probe" / "test.parquet")
+    probs = model.predict(test.select("text_a", "text_b").to_pandas())
+    expected = pl.read_parquet(folder / "predictions.parquet").filter(pl.col("split") == "test")
+    np.testing.assert_allclose(probs, np.array(expected["prob"].to_list()), atol=1e-6)
