@@ -34,7 +34,8 @@ class MopModel(mlflow.pyfunc.PythonModel):
 
         self.model = load(context.artifacts["export"], device=os.environ.get("MOP_DEVICE", "cpu"))
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> Any:
+    # Unannotated on purpose: MLflow reads type hints here as an input schema.
+    def predict(self, context, model_input, params=None):
         import polars as pl
 
         frame = (
