@@ -149,11 +149,12 @@ def _kg_facts(adapter_dirs: list[str]) -> dict | None:
     except MopError:
         return None
     out: dict[str, Any] = {"name": run.kg, "k": run.k, "scheme": run.scheme}
-    stats = root / Run("kg", kg=run.kg).folder("") / "stats.json"
-    part = root / Run("partition", kg=run.kg, k=run.k, scheme=run.scheme).folder("")
+    stats = Path(Run("kg", kg=run.kg).folder(root)) / "stats.json"
+    part = Path(Run("partition", kg=run.kg, k=run.k, scheme=run.scheme).folder(root))
     if stats.is_file():
         s = read_json(stats)
-        out |= {x: s.get(x) for x in ("source", "entities", "relations", "triples")}
+        out |= {x: s.get(x) for x in ("entities", "relations", "triples")}
+        out["source"] = s.get("meta", {}).get("source", "?")
     if (part / "stats.json").is_file():
         out["retained_share"] = read_json(part / "stats.json").get("triples_retained_share")
     return out
@@ -197,7 +198,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
         "kind": task.kind,
         "labels": list(task.labels),
         "method": method,
-        "base_model": spec.identifier(),
+        "base_model": f"{spec.alias} ({spec.identifier()})",
         "candidate_encoder": asdict(spec) if cfg.head == "bilinear" else None,
         "max_length": cfg.max_length,
         "pooling": cfg.pooling,

@@ -74,6 +74,8 @@ def test_registered_models_load_by_alias_and_predict_the_same(
     assert {"probe-train", "probe-dev", "probe-test"} <= inputs
     assert "system/cpu_utilization_percentage" in run.data.metrics
 
+    card = (folder / "export" / "README.md").read_text()
+    assert "## Knowledge graph" in card and "KG `hpo-tiny` (hpo)" in card
     mlflow.set_tracking_uri(mlflow_server)
     model = mlflow.pyfunc.load_model("models:/mop-probe-tiny@best")
     test = pl.read_parquet(work / "results" / "tasks" / "probe" / "test.parquet")
