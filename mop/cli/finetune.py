@@ -57,10 +57,6 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if run.kind == "subset":
         extra["partitions"] = ",".join(str(Run.parse(a).part) for a in adapters)
     track = tracker(args, params, **extra)
-    for split in ("train", "dev", "test"):
-        track.log_input(Path(args.task_dir) / f"{split}.parquet", f"{run.task}-{split}", split)
-    if args.links:
-        track.log_input(args.links, f"{run.task}-links", "routing")
     m = finetune(
         spec,
         get_task(run.task),
@@ -74,6 +70,11 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         encoded_dir=args.encoded,
         links=args.links,
     )
+    # The data it read (checked by the run itself first), as MLflow datasets.
+    for split in ("train", "dev", "test"):
+        track.log_input(Path(args.task_dir) / f"{split}.parquet", f"{run.task}-{split}", split)
+    if args.links:
+        track.log_input(args.links, f"{run.task}-links", "routing")
     track.finish()
     log(
         f"finetune done: dev {m['dev_' + m['main_metric']]:.4f} "
