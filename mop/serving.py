@@ -103,3 +103,38 @@ def set_aliases(client: Any, logged: dict[str, list[tuple[int, float, str]]]) ->
 def dev_score(run_dir: Path) -> float:
     m = read_json(run_dir / "metrics.json")
     return float(m[f"dev_{m['main_metric']}"])
+
+
+def sync_models(results_dir: Path, uri: str) -> int:
+    """Log and register the model of every fine-tuning run that saved one (once each),
+    then set the registered models' aliases; return how many versions there are."""
+    from mlflow.tracking import MlflowClient
+
+    from mop.tracking import KEY_TAG, RUN_FILE, store_lock
+
+    client = MlflowClient(tracking_uri=uri)
+    logged: dict[str, list[tuple[int, float, str]]] = {}
+    for weights in sorted(results_dir.rglob("finetune/**/model.json")):
+        run_dir = weights.parent
+        if not (run_dir / RUN_FILE).is_file():
+            continue
+        record = read_json(run_dir / RUN_FILE)
+        with store_lock(uri):
+            exp = client.get_experiment_by_name(record["experiment"])
+            found = client.search_runs(
+                [exp.experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{record['key']}'"
+            )
+        if not found:
+            continue
+        run = found[0]
+        version = run.data.tags.get(MODEL_TAG)
+        with store_lock(uri):
+            if version is None:
+                name, number = log_model(uri, run.info.run_id, run_dir)
+            else:
+                name, number = registered_name(Run.parse(run_dir)), int(version)
+        label = method_label(Run.parse(run_dir))
+        logged.setdefault(name, []).append((number, dev_score(run_dir), label))
+    with store_lock(uri):
+        set_aliases(client, logged)
+    return sum(len(v) for v in logged.values())

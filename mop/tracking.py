@@ -226,7 +226,7 @@ def record_hash(record: Mapping[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
+def store_lock(uri: str) -> Iterator[None]:
     if not uri.startswith("sqlite:///"):
         yield
         return
@@ -273,7 +273,7 @@ def sync_record(path: str | Path, uri: str, results_dir: str | Path = "results")
 
     record = read_json(path)
     digest = record_hash(record)
-    with _store_lock(uri):
+    with store_lock(uri):
         client = MlflowClient(tracking_uri=uri)
         exp_id = _experiment_id(client, record["experiment"], Path(results_dir), uri)
         existing = client.search_runs(
@@ -335,55 +335,17 @@ def try_sync(path: str | Path, uri: str, results_dir: str | Path = "results") ->
         return False
 
 
-def sync_all(
-    results_dir: str | Path, uri: str | None = None, log_models: bool | None = None
-) -> dict[str, int]:
-    """Log every run record under `results_dir` that MLflow lacks (idempotent); with
-    `log_models` (default: $MOP_LOG_MODELS = 1) also the fine-tuned models (mop.serving)."""
+def sync_all(results_dir: str | Path, uri: str | None = None) -> dict[str, int]:
+    """Log every run record under `results_dir` that MLflow lacks (idempotent)."""
     results_dir = Path(results_dir)
     uri = uri or default_tracking_uri(results_dir)
-    if log_models is None:
-        log_models = os.environ.get(LOG_MODELS_ENV) == "1"
     counts: dict[str, int] = {}
     for path in sorted(results_dir.rglob(RUN_FILE)):
         outcome = sync_record(path, uri, results_dir)
         counts[outcome] = counts.get(outcome, 0) + 1
-    if log_models:
-        counts["models"] = sync_models(results_dir, uri)
     return counts
 
 
-def sync_models(results_dir: Path, uri: str) -> int:
-    """Log and register the model of every fine-tuning run that saved one (once each),
-    then set the registered models' aliases; return how many versions there are."""
-    from mlflow.tracking import MlflowClient
-
-    from mop import serving
-    from mop.plan import Run
-
-    client = MlflowClient(tracking_uri=uri)
-    logged: dict[str, list[tuple[int, float, str]]] = {}
-    for weights in sorted(results_dir.rglob("finetune/**/model.json")):
-        run_dir = weights.parent
-        if not (run_dir / RUN_FILE).is_file():
-            continue
-        record = read_json(run_dir / RUN_FILE)
-        with _store_lock(uri):
-            exp = client.get_experiment_by_name(record["experiment"])
-            found = client.search_runs(
-                [exp.experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{record['key']}'"
-            )
-        if not found:
-            continue
-        run = found[0]
-        version = run.data.tags.get(serving.MODEL_TAG)
-        with _store_lock(uri):
-            if version is None:
-                name, number = serving.log_model(uri, run.info.run_id, run_dir)
-            else:
-                name, number = serving.registered_name(Run.parse(run_dir)), int(version)
-        label = serving.method_label(Run.parse(run_dir))
-        logged.setdefault(name, []).append((number, serving.dev_score(run_dir), label))
-    with _store_lock(uri):
-        serving.set_aliases(client, logged)
-    return sum(len(v) for v in logged.values())
+def log_models_wanted(flag: bool | None = None) -> bool:
+    """Whether to log the fine-tuned models: the flag, else $MOP_LOG_MODELS = 1."""
+    return flag if flag is not None else os.environ.get(LOG_MODELS_ENV) == "1"

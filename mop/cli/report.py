@@ -24,7 +24,13 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_publish(args: argparse.Namespace) -> None:
     """Log the tables and figures as a report run, then sync every run record to MLflow."""
-    from mop.tracking import EXPERIMENT_ENV, Tracker, default_tracking_uri, sync_all
+    from mop.tracking import (
+        EXPERIMENT_ENV,
+        Tracker,
+        default_tracking_uri,
+        log_models_wanted,
+        sync_all,
+    )
 
     results = Path(args.results)
     tracker = Tracker(
@@ -41,6 +47,10 @@ def cmd_publish(args: argparse.Namespace) -> None:
     uri = default_tracking_uri(results)
     try:
         counts = sync_all(results, uri)
+        if log_models_wanted():
+            from mop.serving import sync_models
+
+            counts["models"] = sync_models(results, uri)
         log(f"MLflow ({uri}): {counts}")
     except Exception as exc:  # the tables are written; tracking can catch up later
         log(f"MLflow not reachable at {uri} ({exc}); run `mop track sync` later")

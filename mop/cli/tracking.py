@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def cmd_track(args: argparse.Namespace) -> None:
-    from mop.tracking import default_tracking_uri, sync_all
+    from mop.tracking import default_tracking_uri, log_models_wanted, sync_all
 
     uri = args.uri or default_tracking_uri(args.results)
-    counts = sync_all(args.results, uri, args.log_models)
+    counts = sync_all(args.results, uri)
+    if log_models_wanted(args.log_models):
+        from mop.serving import sync_models
+
+        counts["models"] = sync_models(Path(args.results), uri)
     print(f"{uri}: {counts}")
 
 
