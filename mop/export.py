@@ -48,7 +48,7 @@ from mop.fusion import MixtureConfig, extra_state, load_extra_state, use_mixture
 from mop.io import atomic_dir, read_json, write_json
 from mop.models import ModelSpec, load_tokenizer
 from mop.tasks import TaskSpec, get_task
-from mop.tasks.encode import EncodedSplit, _from_tokens, encode_frame
+from mop.tasks.encode import EncodedSplit, encode_frame, split_from_tokens
 from mop.training import Runtime
 
 FORMAT = 1
@@ -262,7 +262,7 @@ class Predictor:
         if "id" not in frame.columns:
             frame = frame.with_row_index("id").with_columns(pl.col("id").cast(pl.String))
         tokens = encode_frame(frame, self.tokenizer, self.meta["max_length"], kind)
-        split = _from_tokens(frame, tokens, kind)
+        split = split_from_tokens(frame, tokens, kind)
         if self.meta["head"] == "bilinear":
             spec = spec_from_dict(self.meta["candidate_encoder"])
             centre = self.model.head.centre.cpu()

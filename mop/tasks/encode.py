@@ -157,7 +157,8 @@ def _labels(frame: pl.DataFrame, kind: str) -> np.ndarray:
     return frame["label"].to_numpy().astype(np.int64)
 
 
-def _from_tokens(frame: pl.DataFrame, tokens: pl.DataFrame, kind: str) -> EncodedSplit:
+def split_from_tokens(frame: pl.DataFrame, tokens: pl.DataFrame, kind: str) -> EncodedSplit:
+    """A split from its frame and its tokens (`encode_frame`'s rows, in the same order)."""
     choices = len(frame["choices"][0]) if kind == "choice" and frame.height else 1
     types = tokens["token_type_ids"] if "token_type_ids" in tokens.columns else None
     return EncodedSplit(
@@ -185,7 +186,7 @@ def load_split(
         raise MopError(f"{path}: task split not found (run the task's prepare step)")
     frame = read_table(path)
     if encoded_dir is None:
-        return _from_tokens(frame, encode_frame(frame, tokenizer, max_length, kind), kind)
+        return split_from_tokens(frame, encode_frame(frame, tokenizer, max_length, kind), kind)
     encoded = Path(encoded_dir)
     record_path = next(
         (p / ENCODING for p in (encoded, *encoded.parents) if (p / ENCODING).is_file()), None
@@ -206,4 +207,4 @@ def load_split(
             f"this run asks for {max_length}"
         )
     tokens = read_table(encoded / f"{split}.parquet")
-    return _from_tokens(frame, tokens, kind)
+    return split_from_tokens(frame, tokens, kind)
