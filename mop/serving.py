@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,10 @@ def log_model(uri: str, run_id: str, run_dir: Path) -> tuple[str, int]:
             python_model=MopModel(),
             artifacts={"export": str(export)},
             registered_model_name=name,
-            pip_requirements=["mop"],
+            # The mop package travels with the model; its pinned dependencies are the
+            # environment MLflow would build to serve it.
+            code_paths=[str(Path(__file__).parent)],
+            pip_requirements=[r for r in metadata.requires("mop") or [] if "extra ==" not in r],
         )
     version = int(info.registered_model_version)
     mlflow.MlflowClient(uri).set_tag(run_id, MODEL_TAG, str(version))
