@@ -46,7 +46,7 @@ from mop.finetune import (
 )
 from mop.fusion import MixtureConfig, extra_state, load_extra_state, use_mixture
 from mop.io import atomic_dir, read_json, write_json
-from mop.models import ModelSpec, load_tokenizer
+from mop.models import ModelSpec, load_base_model, load_tokenizer
 from mop.tasks import TaskSpec, get_task
 from mop.tasks.encode import EncodedSplit, encode_frame, split_from_tokens
 from mop.training import Runtime
@@ -251,6 +251,7 @@ class Predictor:
     tokenizer: Any
     meta: dict[str, Any]
     runtime: Runtime
+    candidate_encoder: torch.nn.Module | None = None  # the frozen base (bilinear head)
 
     def encode(self, frame: pl.DataFrame) -> EncodedSplit:
         kind = self.task.kind
@@ -265,9 +266,17 @@ class Predictor:
         split = split_from_tokens(frame, tokens, kind)
         if self.meta["head"] == "bilinear":
             spec = spec_from_dict(self.meta["candidate_encoder"])
+            if self.candidate_encoder is None:  # loaded once, reused by every call
+                self.candidate_encoder = load_base_model(spec)
             centre = self.model.head.centre.cpu()
             split = with_candidates(
-                spec, self.tokenizer, {"x": split}, "input", self.runtime, centre
+                spec,
+                self.tokenizer,
+                {"x": split},
+                "input",
+                self.runtime,
+                centre,
+                self.candidate_encoder,
             )[0]["x"]
         return split
 

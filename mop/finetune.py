@@ -406,10 +406,13 @@ def with_candidates(
     task_dir: str | Path,
     runtime: Runtime | None = None,
     centre: torch.Tensor | None = None,
+    encoder: torch.nn.Module | None = None,
 ) -> tuple[dict[str, EncodedSplit], torch.Tensor]:
     """Attach each example's candidate vector: the frozen base encoder's [CLS] vector of
     its `candidate` text, centred (on the mean over all distinct candidates, or on a given
-    `centre`: an exported model's) and of unit length. Returns the data and the centre."""
+    `centre`: an exported model's) and of unit length. Returns the data and the centre.
+
+    encoder: the frozen base encoder, if the caller keeps one (default: load it)."""
     from mop.pretrain import centred, raw_name_vectors
 
     for s, split in data.items():
@@ -419,7 +422,7 @@ def with_candidates(
                 "candidate column (probe: format pair)"
             )
     names = sorted({c for split in data.values() for c in split.frame["candidate"].to_list()})
-    raw = raw_name_vectors(load_base_model(spec), tokenizer, names, runtime=runtime)
+    raw = raw_name_vectors(encoder or load_base_model(spec), tokenizer, names, runtime=runtime)
     if centre is None:
         centre = raw.mean(0, keepdim=True)
     vectors = centred(raw, centre)

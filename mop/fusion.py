@@ -37,7 +37,6 @@ these are the fixes.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -73,36 +72,24 @@ class MixtureConfig:
         return self.routed or self.prior
 
 
-MIXTURE_NAME = re.compile(
-    r"^(?P<kind>softmax|gumbel(-t(?P<tau>[0-9]*\.?[0-9]+))?|moe(-k(?P<k>[0-9]+))?)"
-    r"(?P<routed>-routed)?(?P<prior>-prior)?$"
-)
-
-
 def parse_mixture(name: str, defaults: MixtureConfig | None = None) -> MixtureConfig:
     """A mixture from its name: `softmax`, `gumbel`, `gumbel-t0.5` (tau), `moe`, `moe-k3`,
-    each optionally followed by `-routed` and / or `-prior`.
+    each optionally followed by `-routed` and / or `-prior` (the grammar: mop.plan.MIXTURE).
 
     The name carries what varies in the paper's Table 6 and the routing switches;
     everything else comes from `defaults`.
     """
-    m = MIXTURE_NAME.match(name)
-    if m is None:
-        raise MopError(
-            f"mixture {name!r} is not softmax, gumbel[-t<tau>] or moe[-k<top k>], "
-            "optionally followed by -routed and / or -prior"
-        )
-    base = defaults or MixtureConfig()
+    from mop.plan import mixture_of
+
+    kind, *parts = mixture_of(name).split("-")
     out = replace(
-        base,
-        kind=m.group("kind").split("-")[0],
-        routed=m.group("routed") is not None,
-        prior=m.group("prior") is not None,
+        defaults or MixtureConfig(), kind=kind, routed="routed" in parts, prior="prior" in parts
     )
-    if m.group("tau"):
-        out = replace(out, tau=float(m.group("tau")))
-    if m.group("k"):
-        out = replace(out, top_k=int(m.group("k")))
+    for part in parts:
+        if kind == "gumbel" and part.startswith("t"):
+            out = replace(out, tau=float(part[1:]))
+        elif kind == "moe" and part.startswith("k"):
+            out = replace(out, top_k=int(part[1:]))
     return out
 
 
