@@ -104,6 +104,21 @@ def _names(rng: np.random.Generator, n: int) -> pl.Series:
     )["a"]
 
 
+def _atoms(frame: pl.DataFrame, kind: int, **fields: str | pl.Expr | pl.Series) -> pl.DataFrame:
+    """MRCONSO rows for each concept of `frame`: an English preferred-form SNOMED atom unless
+    `fields` says otherwise (plain strings are literals). `kind` orders a concept's atoms."""
+    row: dict[str, str | pl.Expr | pl.Series] = {
+        "LAT": "ENG",
+        "TS": "P",
+        "STT": "PF",
+        "ISPREF": "Y",
+        "SAB": SAB,
+        "SUPPRESS": "N",
+    } | fields
+    values = {k: pl.lit(v) if isinstance(v, str) else v for k, v in row.items()}
+    return frame.select("cui", "sct", "order", **values, kind=pl.lit(kind))
+
+
 def mrconso_frame(n_concepts: int, rng: np.random.Generator) -> tuple[pl.DataFrame, dict]:
     """MRCONSO rows for `n_concepts` SNOMED concepts plus MSH-only concepts.
 
@@ -134,111 +149,62 @@ def mrconso_frame(n_concepts: int, rng: np.random.Generator) -> tuple[pl.DataFra
         }
     )
     sup = pl.when(pl.col("retired")).then(pl.lit("O")).otherwise(pl.lit("N"))
-    pt = base.select(
-        "cui",
-        "sct",
-        "order",
-        LAT=pl.lit("ENG"),
-        TS=pl.lit("P"),
-        STT=pl.lit("PF"),
-        ISPREF=pl.lit("Y"),
-        SAB=pl.lit(SAB),
+    pt = _atoms(
+        base,
+        kind=1,
         TTY=pl.when(pl.col("pt_suppressed")).then(pl.lit("OP")).otherwise(pl.lit("PT")),
         STR=pl.when(pl.col("pt_suppressed"))
         .then(pl.col("name") + " (obsolete)")
         .otherwise(pl.col("name")),
         SUPPRESS=pl.when(pl.col("pt_suppressed")).then(pl.lit("O")).otherwise(sup),
-        kind=pl.lit(1),
     )
-    fn = base.select(
-        "cui",
-        "sct",
-        "order",
-        LAT=pl.lit("ENG"),
-        TS=pl.lit("P"),
-        STT=pl.lit("VO"),
-        ISPREF=pl.lit("N"),
-        SAB=pl.lit(SAB),
-        TTY=pl.lit("FN"),
+    fn = _atoms(
+        base,
+        kind=0,
+        STT="VO",
+        ISPREF="N",
+        TTY="FN",
         STR=pl.col("name") + " (disorder)",
         SUPPRESS=sup,
-        kind=pl.lit(0),
     )
     # A synonym that is the preferred atom of its string: the fallback name.
-    fallback = base.filter(pl.col("pt_suppressed")).select(
-        "cui",
-        "sct",
-        "order",
-        LAT=pl.lit("ENG"),
-        TS=pl.lit("P"),
-        STT=pl.lit("PF"),
-        ISPREF=pl.lit("Y"),
-        SAB=pl.lit(SAB),
-        TTY=pl.lit("SY"),
-        STR=pl.col("name"),
-        SUPPRESS=pl.lit("N"),
-        kind=pl.lit(2),
-    )
-    sy = (
+    fallback = _atoms(base.filter(pl.col("pt_suppressed")), kind=2, TTY="SY", STR=pl.col("name"))
+    sy = _atoms(
         base.filter(pl.col("n_sy") > 0)
         .with_columns(pl.int_ranges(0, pl.col("n_sy")).alias("i"))
-        .explode("i")
-        .select(
-            "cui",
-            "sct",
-            "order",
-            LAT=pl.lit("ENG"),
-            TS=pl.lit("S"),
-            STT=pl.lit("VO"),
-            ISPREF=pl.when(pl.col("i") == 0).then(pl.lit("Y")).otherwise(pl.lit("N")),
-            SAB=pl.lit(SAB),
-            TTY=pl.lit("SY"),
-            STR=pl.col("name") + pl.format(" variant {}", pl.col("i")),
-            SUPPRESS=sup,
-            kind=pl.lit(3),
-        )
+        .explode("i"),
+        kind=3,
+        TS="S",
+        STT="VO",
+        ISPREF=pl.when(pl.col("i") == 0).then(pl.lit("Y")).otherwise(pl.lit("N")),
+        TTY="SY",
+        STR=pl.col("name") + pl.format(" variant {}", pl.col("i")),
+        SUPPRESS=sup,
     )
-    msh = base.filter(pl.col("msh")).select(
-        "cui",
-        "sct",
-        "order",
-        LAT=pl.lit("ENG"),
-        TS=pl.lit("P"),
-        STT=pl.lit("PF"),
-        ISPREF=pl.lit("Y"),
-        SAB=pl.lit("MSH"),
-        TTY=pl.lit("MH"),
+    msh = _atoms(
+        base.filter(pl.col("msh")),
+        kind=-1,
+        SAB="MSH",
+        TTY="MH",
         STR=pl.lit("MeSH heading ") + pl.col("name").str.to_uppercase(),
-        SUPPRESS=pl.lit("N"),
-        kind=pl.lit(-1),
     )
-    spa = base.filter(pl.col("spa")).select(
-        "cui",
-        "sct",
-        "order",
-        LAT=pl.lit("SPA"),
-        TS=pl.lit("P"),
-        STT=pl.lit("PF"),
-        ISPREF=pl.lit("Y"),
-        SAB=pl.lit("SCTSPA"),
-        TTY=pl.lit("PT"),
+    spa = _atoms(
+        base.filter(pl.col("spa")),
+        kind=4,
+        LAT="SPA",
+        SAB="SCTSPA",
+        TTY="PT",
         STR=pl.lit("trastorno ") + pl.col("name"),
-        SUPPRESS=pl.lit("N"),
-        kind=pl.lit(4),
     )
     n_msh = msh_only.size
-    msh_only_df = pl.DataFrame(
-        {"cui": msh_only, "sct": np.zeros(n_msh, dtype=np.int64), "order": rng.random(n_msh)}
-    ).with_columns(
-        LAT=pl.lit("ENG"),
-        TS=pl.lit("P"),
-        STT=pl.lit("PF"),
-        ISPREF=pl.lit("Y"),
-        SAB=pl.lit("MSH"),
-        TTY=pl.lit("MH"),
+    msh_only_df = _atoms(
+        pl.DataFrame(
+            {"cui": msh_only, "sct": np.zeros(n_msh, dtype=np.int64), "order": rng.random(n_msh)}
+        ),
+        kind=-1,
+        SAB="MSH",
+        TTY="MH",
         STR=_names(rng, n_msh),
-        SUPPRESS=pl.lit("N"),
-        kind=pl.lit(-1),
     )
     atoms = (
         pl.concat([pt, fn, fallback, sy, msh, spa, msh_only_df], how="vertical_relaxed")
