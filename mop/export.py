@@ -45,7 +45,9 @@ from mop.finetune import (
     with_candidates,
 )
 from mop.fusion import MixtureConfig, extra_state, load_extra_state, use_mixture
-from mop.io import atomic_dir, read_json, write_json
+from mop.io import atomic_dir, read_json, write_json, write_parquet
+from mop.kg import read_table
+from mop.linking import EntityLinker, entity_partitions, link_frame
 from mop.models import ModelSpec, load_base_model, load_tokenizer
 from mop.tasks import TaskSpec, get_task
 from mop.tasks.encode import EncodedSplit, encode_frame, split_from_tokens
@@ -169,6 +171,20 @@ def _added_by_adapters(key: str) -> bool:
     return any(part in key for part in ADAPTER_KEYS)
 
 
+def _linker_table(run_dir: Path, record: dict) -> tuple[pl.DataFrame, int]:
+    """What a -prior mixture needs to link new inputs as the run's links were made: every
+    entity's name and partition, and the linker's `min_chars` (from the links' coverage)."""
+    links = record.get("links")
+    summary = Path(links).parent / "coverage.json" if links else None
+    if summary is None or not summary.is_file():
+        raise MopError(
+            f"{run_dir}: a -prior mixture links each new input to partitions; the run's "
+            f"links and their coverage.json ({summary or 'not recorded'}) are needed to export it"
+        )
+    facts = read_json(summary)
+    return entity_partitions(facts["kg"], facts["partition"]), int(facts["min_chars"])
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Export a finished run (made with `save_model: true`) to `out_dir`; return mop.json."""
     run_dir = Path(run_dir)
@@ -182,11 +198,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     spec = spec_from_dict(record["model"])
     task = get_task(record["task"])
     cfg = config_from_dict(record["finetune"])
-    if method == "mop" and cfg.mixture.prior:
-        raise MopError(
-            f"{run_dir}: a -prior mixture needs each new input's linked partitions at "
-            "inference, which an export does not carry; export a -routed or plain mixture"
-        )
+    linker = _linker_table(run_dir, record) if method == "mop" and cfg.mixture.prior else None
     adapter_dirs = [Path(a) for a in record["adapters"]]
     model, fusion_name = build_classifier(spec, task, method, adapter_dirs, cfg)
     load_model(model, str(run_dir / "model.safetensors"), strict=True)
@@ -209,6 +221,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
         "fusion": fusion_name,
         "mixture": asdict(cfg.mixture) if fusion_name else None,
         "kg": _kg_facts(record["adapters"]),
+        "linker": None if linker is None else {"min_chars": linker[1], "k": len(adapter_dirs)},
         "metrics": {k: v for k, v in metrics.items() if k.split("_")[0] in ("dev", "test")},
         "seed": metrics["seed"],
     }
@@ -237,6 +250,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
             {k: v.contiguous() for k, v in model.head.state_dict().items()},
             tmp / "head.safetensors",
         )
+        if linker is not None:
+            write_parquet(linker[0], tmp / "linker" / "entities.parquet")
         write_json(meta, tmp / "mop.json")
         (tmp / "README.md").write_text(_model_card(meta, metrics, run_dir))
     return meta
@@ -251,7 +266,19 @@ class Predictor:
     tokenizer: Any
     meta: dict[str, Any]
     runtime: Runtime
+    path: Path
     candidate_encoder: torch.nn.Module | None = None  # the frozen base (bilinear head)
+    linker: tuple[EntityLinker, np.ndarray] | None = None  # a -prior mixture's linking
+
+    def links(self, frame: pl.DataFrame) -> np.ndarray:
+        """Each input's partition distribution, linked as the run linked its task."""
+        if self.linker is None:  # built once, reused by every call
+            table = read_table(self.path / "linker" / "entities.parquet")
+            names = EntityLinker(table["name"].to_list(), self.meta["linker"]["min_chars"])
+            self.linker = names, table["partition"].to_numpy()
+        linker, partition = self.linker
+        routes = link_frame(frame, linker, partition, self.meta["linker"]["k"])["route"]
+        return routes.to_numpy().astype(np.float32)
 
     def encode(self, frame: pl.DataFrame) -> EncodedSplit:
         kind = self.task.kind
@@ -264,6 +291,8 @@ class Predictor:
             frame = frame.with_row_index("id").with_columns(pl.col("id").cast(pl.String))
         tokens = encode_frame(frame, self.tokenizer, self.meta["max_length"], kind)
         split = split_from_tokens(frame, tokens, kind)
+        if self.meta.get("linker"):
+            split = replace(split, links=self.links(frame))
         if self.meta["head"] == "bilinear":
             spec = spec_from_dict(self.meta["candidate_encoder"])
             if self.candidate_encoder is None:  # loaded once, reused by every call
@@ -323,4 +352,4 @@ def load(path: str | Path, device: str = "cpu") -> Predictor:
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     meta["load_seconds"] = time.perf_counter() - start
-    return Predictor(model, get_task(meta["task"]), tokenizer, meta, rt)
+    return Predictor(model, get_task(meta["task"]), tokenizer, meta, rt, path)

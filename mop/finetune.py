@@ -735,6 +735,7 @@ def finetune(
             "model": asdict(spec),
             "adapters": [str(Path(d).resolve()) for d in adapter_dirs],
             "finetune": asdict(cfg),
+            "links": str(Path(links).resolve()) if routed and links is not None else None,
         }
         write_json(record, out / "model.json")
     write_json(metrics, out / "metrics.json")

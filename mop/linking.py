@@ -196,6 +196,20 @@ def read_links(path: str | Path, ids: Sequence[str], k: int) -> np.ndarray:
     return route[[index[i] for i in ids]]
 
 
+def entity_partitions(kg_dir: str | Path, partition_dir: str | Path) -> pl.DataFrame:
+    """Every entity's name and partition, one row per entity id in id order: all that
+    linking needs (an export of a -prior model carries this table)."""
+    kg = read_kg(kg_dir)
+    membership = read_table(Path(partition_dir) / "membership.parquet", MEMBERSHIP_SCHEMA)
+    if membership.height != kg.entities.height:
+        raise MopError(
+            f"{partition_dir}/membership.parquet: {membership.height} entities, "
+            f"{kg_dir} has {kg.entities.height}"
+        )
+    partition = membership.sort("entity")["partition"]
+    return pl.DataFrame({"name": kg.entities.sort("id")["name"], "partition": partition})
+
+
 def run_link(
     task_dir: str | Path,
     kg_dir: str | Path,
@@ -205,16 +219,10 @@ def run_link(
 ) -> dict[str, Any]:
     """Link every split of a task against a KG's partitions; write links.parquet (one row
     per distinct example id) and coverage.json (per split file)."""
-    kg = read_kg(kg_dir)
-    membership = read_table(Path(partition_dir) / "membership.parquet", MEMBERSHIP_SCHEMA)
-    partition = membership.sort("entity")["partition"].to_numpy()
-    if partition.size != kg.entities.height:
-        raise MopError(
-            f"{partition_dir}/membership.parquet: {partition.size} entities, "
-            f"{kg_dir} has {kg.entities.height}"
-        )
+    table = entity_partitions(kg_dir, partition_dir)
+    partition = table["partition"].to_numpy()
     k = int(partition.max()) + 1
-    linker = EntityLinker(kg.entities["name"].to_list(), min_chars=min_chars)
+    linker = EntityLinker(table["name"].to_list(), min_chars=min_chars)
     frames, report = [], {}
     for path in split_files(task_dir):
         frame = read_table(path)

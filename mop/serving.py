@@ -120,7 +120,8 @@ def sync_models(results_dir: Path, uri: str) -> int:
     logged: dict[str, list[tuple[int, float, str]]] = {}
     for weights in sorted(results_dir.rglob("finetune/**/model.json")):
         run_dir = weights.parent
-        if not (run_dir / RUN_FILE).is_file():
+        # An oracle run routes by the probe's answer key: no model for new inputs.
+        if not (run_dir / RUN_FILE).is_file() or Run.parse(run_dir).kind == "oracle":
             continue
         record = read_json(run_dir / RUN_FILE)
         with store_lock(uri):

@@ -156,6 +156,45 @@ def test_bad_inputs_stop_with_the_file_and_line(
     assert row["id"] == "2" and set(row["probs"]) == {"no", "yes"}
 
 
+def test_a_prior_mixture_exports_its_linker(
+    tiny_spec, tiny_adapters, small_kg, small_partition, pair_probe, tmp_path
+):
+    """A -prior mixture's export links new inputs itself, as the run's links did."""
+    from mop.linking import run_link
+
+    links = tmp_path / "links"
+    run_link(pair_probe, small_kg, small_partition, links, min_chars=3)
+    cfg = FinetuneConfig(
+        epochs=1,
+        batch_size=16,
+        lr=5e-4,
+        seed=0,
+        eval_train=False,
+        mixture=MixtureConfig(prior=True, route_prior=5.0),
+    )
+    run = tmp_path / "run"
+    finetune(
+        tiny_spec, TASK, pair_probe, "mop", tiny_adapters, cfg, run, links=links / "links.parquet"
+    )
+    export = tmp_path / "export"
+    meta = export_run(run, export)
+    assert meta["linker"] == {"min_chars": 3, "k": 3}
+    table = pl.read_parquet(export / "linker" / "entities.parquet")
+    assert table.height == pl.read_parquet(small_kg / "entities.parquet").height
+    model = mop.load(export)
+    test = pl.read_parquet(pair_probe / "test.parquet")
+    records = test.select("text_a", "text_b", "candidate").to_dicts()
+    np.testing.assert_allclose(model.predict_records(records), _test_probs(run)[1], atol=1e-6)
+    # the links matter: the same inputs with their routes switched off score differently
+    model.meta["linker"] = None
+    assert not np.allclose(model.predict_records(records), _test_probs(run)[1], atol=1e-4)
+    # a run whose links were removed cannot be exported
+    (links / "coverage.json").unlink()
+    with pytest.raises(MopError, match=r"coverage\.json"):
+        export_run(run, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
 def test_what_cannot_be_exported_says_why(tiny_spec, tiny_adapters, pair_probe, tmp_path):
     run = _run("base", tiny_spec, tiny_adapters, pair_probe, tmp_path / "nosave", save=False)
     with pytest.raises(MopError, match="save_model: false"):
