@@ -82,6 +82,6 @@ def test_the_workflow_downloads_before_the_task_reads_it(tmp_path):
     )
     failed = snakemake(work, target, *args)
     assert failed.returncode != 0
-    log = (work / "results" / "logs" / "tasks" / "download-pubmedqa.log").read_text()
+    log = (work / "results" / "logs" / "downloads" / "pubmedqa.log").read_text()
     assert "expected " + "0" * 64 in log
     assert not (data / "ori_pqal.json").exists()

@@ -50,6 +50,7 @@ EXAMPLES = {
     "zeroshot": {"task": "probe", "model": "m", "kg": "g", "k": 4, "scheme": "metis", "seed": 0},
     "selection": {"task": "probe", "model": "m", "kg": "g", "k": 4, "scheme": "metis"},
     "links": {"task": "medqa", "kg": "g", "k": 4, "scheme": "shuffle0.2"},
+    "download": {"task": "pubmedqa"},
     "topics": {"kg": "g", "k": 4, "scheme": "metis"},
 }
 

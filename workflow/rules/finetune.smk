@@ -87,7 +87,7 @@ for _task, _src in PLAN.downloads().items():
         output:
             _src["out"],
         log:
-            log_pattern("task", R).replace("{task}", f"download-{_task}"),
+            Run("download", task=_task).log(R),
         conda:
             "../envs/mop.yaml"
         params:
