@@ -1,8 +1,6 @@
 """The workflow on a real SLURM cluster: required in CI (.ci/run starts a local one)."""
 
-import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,6 +10,7 @@ from safetensors.torch import load_file
 
 from mop.io import read_json
 from tests.conftest import REPO, checkpoint_step, require_tool, snakemake, tiny_workdir
+from tests.test_pretrain import _pretrain_cmd
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -92,28 +91,6 @@ def test_workflow_through_sbatch_equals_a_local_run(cluster, finished_run, tmp_p
                 torch.testing.assert_close(tensor, slurm[key][name], rtol=0, atol=0)
         else:
             assert value == slurm[key], key
-
-
-def _pretrain_cmd(kg, partition, tokens, out, models) -> list[str]:
-    options = {"epochs": 3, "lr": 1e-3, "batch_size": 4, "seed": 2, "checkpoint_every": 10}
-    return [
-        sys.executable,
-        "-m",
-        "mop.cli",
-        "pretrain",
-        "--kg",
-        str(kg),
-        "--tokens",
-        str(tokens),
-        "--partition",
-        str(partition),
-        "--models",
-        json.dumps(models),
-        "--options",
-        json.dumps(options),
-        "--out",
-        str(out),
-    ]
 
 
 def _sbatch(cmd: list[str], log: Path) -> str:
@@ -240,16 +217,20 @@ def test_requeued_fine_tuning_resumes_from_its_checkpoint(
     while checkpoint_step(folder / "checkpoint") is None and time.time() < deadline:
         time.sleep(0.01)
     subprocess.run(["scontrol", "requeue", job], check=True)
-    # SLURM holds a requeued job back for a while (BeginTime); let it start now.
+    # SLURM holds a requeued job back for a while (BeginTime); let it start sooner, but not
+    # within the second it was killed in: slurmd refuses a launch whose credential is not
+    # newer than the kill ("Job N already killed, do not launch batch job"), by the second.
     while time.time() < deadline:
         record = _job(job) or {}
         if record.get("JobState") == "PENDING" and record.get("Restarts", "0") != "0":
+            time.sleep(2)
             subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
             break
         time.sleep(0.2)
     record = _wait_gone(job)
-    assert record.get("JobState") == "COMPLETED" and record.get("Restarts") == "1", record
     text = log.read_text()
+    state = {k: record.get(k) for k in ("JobState", "Restarts", "ExitCode", "Reason")}
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", (state, text[-3000:])
     assert "DUE TO JOB REQUEUE" in text and "stopped by SIGTERM" in text, text[-3000:]
     assert "resuming from step" in text, text[-3000:]
     _same_run(full, requeued)
