@@ -182,7 +182,22 @@ def _linker_table(run_dir: Path, record: dict) -> tuple[pl.DataFrame, int]:
             f"links and their coverage.json ({summary or 'not recorded'}) are needed to export it"
         )
     facts = read_json(summary)
-    return entity_partitions(facts["kg"], facts["partition"]), int(facts["min_chars"])
+    kg, partition = (_workflow_path(facts[key], summary.parent) for key in ("kg", "partition"))
+    return entity_partitions(kg, partition), int(facts["min_chars"])
+
+
+def _workflow_path(given: str, links_dir: Path) -> Path:
+    """A path the link job was given: relative ones are relative to the workflow's working
+    directory, the folder above the results tree the links sit in."""
+    from mop.plan import Run
+
+    path = Path(given)
+    if path.is_absolute() or path.exists():
+        return path
+    try:
+        return Path(Run.root(links_dir)).parent / path
+    except MopError:
+        return path
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:

@@ -157,13 +157,20 @@ def test_bad_inputs_stop_with_the_file_and_line(
 
 
 def test_a_prior_mixture_exports_its_linker(
-    tiny_spec, tiny_adapters, small_kg, small_partition, pair_probe, tmp_path
+    tiny_spec, tiny_adapters, small_kg, small_partition, pair_probe, tmp_path, monkeypatch
 ):
     """A -prior mixture's export links new inputs itself, as the run's links did."""
+    import os
+
     from mop.linking import run_link
 
-    links = tmp_path / "links"
-    run_link(pair_probe, small_kg, small_partition, links, min_chars=3)
+    # as the workflow links: paths relative to its working directory
+    links = tmp_path / "results" / "links" / "probe" / "g" / "k3-metis"
+    monkeypatch.chdir(tmp_path)
+    kg, part = (os.path.relpath(p, tmp_path) for p in (small_kg, small_partition))
+    run_link(pair_probe, kg, part, links, min_chars=3)
+    assert json.loads((links / "coverage.json").read_text())["kg"] == kg  # relative
+    monkeypatch.chdir(tmp_path.parent)  # the export runs from anywhere
     cfg = FinetuneConfig(
         epochs=1,
         batch_size=16,
