@@ -171,6 +171,12 @@ def _added_by_adapters(key: str) -> bool:
     return any(part in key for part in ADAPTER_KEYS)
 
 
+def exportable(method: str) -> bool:
+    """Whether a run of this method has a model for new inputs (an oracle run saves its
+    weights but routes each question by the probe's answer key)."""
+    return method != "oracle"
+
+
 def _linker_table(run_dir: Path, record: dict) -> tuple[pl.DataFrame, int]:
     """What a -prior mixture needs to link new inputs as the run's links were made: every
     entity's name and partition, and the linker's `min_chars` (from the links' coverage)."""
@@ -192,11 +198,11 @@ def _workflow_path(given: str, links_dir: Path) -> Path:
     from mop.plan import Run
 
     path = Path(given)
-    if path.is_absolute() or path.exists():
+    if path.is_absolute():
         return path
     try:
         return Path(Run.root(links_dir)).parent / path
-    except MopError:
+    except MopError:  # links made outside a results tree: relative to where we run
         return path
 
 
@@ -205,7 +211,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     record, metrics = _run_files(run_dir)
     method = record["method"]
-    if method == "oracle":
+    if not exportable(method):
         raise MopError(
             f"{run_dir}: an oracle run routes by the probe's own partition column; "
             "it has no model to export for new inputs"

@@ -29,7 +29,7 @@ import polars as pl
 
 from mop.errors import MopError
 from mop.io import write_json, write_parquet
-from mop.kg import read_kg, read_table
+from mop.kg import ENTITY_SCHEMA, read_table
 from mop.partition import MEMBERSHIP_SCHEMA
 
 # The split columns that hold text an input is about: the texts, the KG probe's candidate,
@@ -199,15 +199,15 @@ def read_links(path: str | Path, ids: Sequence[str], k: int) -> np.ndarray:
 def entity_partitions(kg_dir: str | Path, partition_dir: str | Path) -> pl.DataFrame:
     """Every entity's name and partition, one row per entity id in id order: all that
     linking needs (an export of a -prior model carries this table)."""
-    kg = read_kg(kg_dir)
+    entities = read_table(Path(kg_dir) / "entities.parquet", ENTITY_SCHEMA)
     membership = read_table(Path(partition_dir) / "membership.parquet", MEMBERSHIP_SCHEMA)
-    if membership.height != kg.entities.height:
+    if membership.height != entities.height:
         raise MopError(
             f"{partition_dir}/membership.parquet: {membership.height} entities, "
-            f"{kg_dir} has {kg.entities.height}"
+            f"{kg_dir} has {entities.height}"
         )
     partition = membership.sort("entity")["partition"]
-    return pl.DataFrame({"name": kg.entities.sort("id")["name"], "partition": partition})
+    return pl.DataFrame({"name": entities.sort("id")["name"], "partition": partition})
 
 
 def run_link(

@@ -49,7 +49,7 @@ LAYOUTS = {
     "tokens": "tokens/{kg}/{model}.parquet",
     "adapter": "adapters/{kg}/k{k}-{scheme}/{model}/p{part}",
     "task": "tasks/{task}",
-    "download": "downloads/{task}",
+    "download": "downloads/{task}",  # only its log: the file goes to the task's data path
     "encoded": "encoded/{task}/{tokenizer}/len{length}",
     "base": "finetune/{task}/{model}/base/seed{seed}",
     "single": "finetune/{task}/{model}/adapter/{kg}/k{k}-{scheme}/p{part}/seed{seed}",

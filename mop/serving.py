@@ -114,14 +114,14 @@ def sync_models(results_dir: Path, uri: str) -> int:
     then set the registered models' aliases; return how many versions there are."""
     from mlflow.tracking import MlflowClient
 
+    from mop.export import exportable
     from mop.tracking import KEY_TAG, RUN_FILE, store_lock
 
     client = MlflowClient(tracking_uri=uri)
     logged: dict[str, list[tuple[int, float, str]]] = {}
-    for weights in sorted(results_dir.rglob("finetune/**/model.json")):
-        run_dir = weights.parent
-        # An oracle run routes by the probe's answer key: no model for new inputs.
-        if not (run_dir / RUN_FILE).is_file() or Run.parse(run_dir).kind == "oracle":
+    for model in sorted(results_dir.rglob("finetune/**/model.json")):
+        run_dir = model.parent
+        if not (run_dir / RUN_FILE).is_file() or not exportable(read_json(model)["method"]):
             continue
         record = read_json(run_dir / RUN_FILE)
         with store_lock(uri):

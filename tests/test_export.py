@@ -36,8 +36,11 @@ def pair_probe(small_kg, small_partition, tmp_path_factory):
     return out
 
 
-def _run(kind, tiny_spec, tiny_adapters, task_dir, out, head="bilinear", save=True):
+def _run(kind, tiny_spec, tiny_adapters, task_dir, out, head="bilinear", save=True, **mixture):
+    """A short run of the base model (kind "base") or of MoP with that mixture kind; a
+    routed mixture gets `links` among the mixture's settings."""
     method = "base" if kind == "base" else "mop"
+    links = mixture.pop("links", None)
     cfg = FinetuneConfig(
         epochs=1,
         batch_size=16,
@@ -46,9 +49,10 @@ def _run(kind, tiny_spec, tiny_adapters, task_dir, out, head="bilinear", save=Tr
         eval_train=False,
         head=head,
         save_model=save,
-        mixture=MixtureConfig() if kind == "base" else MixtureConfig(kind=kind),
+        mixture=MixtureConfig() if kind == "base" else MixtureConfig(kind=kind, **mixture),
     )
-    finetune(tiny_spec, TASK, task_dir, method, tiny_adapters if method == "mop" else [], cfg, out)
+    adapters = tiny_adapters if method == "mop" else []
+    finetune(tiny_spec, TASK, task_dir, method, adapters, cfg, out, links=links)
     return out
 
 
@@ -171,17 +175,15 @@ def test_a_prior_mixture_exports_its_linker(
     run_link(pair_probe, kg, part, links, min_chars=3)
     assert json.loads((links / "coverage.json").read_text())["kg"] == kg  # relative
     monkeypatch.chdir(tmp_path.parent)  # the export runs from anywhere
-    cfg = FinetuneConfig(
-        epochs=1,
-        batch_size=16,
-        lr=5e-4,
-        seed=0,
-        eval_train=False,
-        mixture=MixtureConfig(prior=True, route_prior=5.0),
-    )
-    run = tmp_path / "run"
-    finetune(
-        tiny_spec, TASK, pair_probe, "mop", tiny_adapters, cfg, run, links=links / "links.parquet"
+    run = _run(
+        "softmax",
+        tiny_spec,
+        tiny_adapters,
+        pair_probe,
+        tmp_path / "run",
+        prior=True,
+        route_prior=5.0,
+        links=links / "links.parquet",
     )
     export = tmp_path / "export"
     meta = export_run(run, export)
