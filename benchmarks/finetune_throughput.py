@@ -218,7 +218,7 @@ class Ours:
         sched = schedule(opt, cfg, len(self.batches))
 
         def loss_of(micro: np.ndarray) -> torch.Tensor:
-            with rt.autocast():
+            with rt.forward_context():
                 logits, _ = forward(**_inputs(split, micro, pad_id, rt))
             return task_loss(SPEC, logits, rt.to_device(torch.from_numpy(split.labels[micro])))
 
@@ -569,7 +569,7 @@ def trainer(model: Classifier, rt: Runtime, total_steps: int):
         def loss_of(micro: np.ndarray) -> torch.Tensor:
             rows = torch.from_numpy(micro)
             inputs = rt.batch({k: v[rows] for k, v in batch.items() if k != "label"})
-            with rt.autocast():
+            with rt.forward_context():
                 logits, _ = forward(**inputs)
             loss = task_loss(SPEC, logits, rt.to_device(batch["label"][rows]))
             reg = model.encoder.get_fusion_regularization_loss()

@@ -316,7 +316,7 @@ def predict(
     with evaluating(model):
         for idx in tqdm(batches, desc="evaluate", mininterval=5, leave=False):
             inputs = _inputs(split, idx, pad_id, rt)
-            with rt.autocast():
+            with rt.forward_context():
                 logits, att = model(**inputs, output_mixture=fusion_name is not None)
             probs[idx] = scores_to_probs(task, logits, idx.size).cpu().numpy()
             if att is not None:
@@ -565,7 +565,7 @@ def finetune(
     def loss_of(micro: np.ndarray) -> torch.Tensor:
         """The training loss of some examples: the task's loss plus AdapterFusion's value
         regulariser and any mixture auxiliary loss (MoE load balance)."""
-        with rt.autocast():
+        with rt.forward_context():
             logits, _ = forward(**_inputs(train, micro, pad_id, rt))
         loss = task_loss(task, logits, rt.to_device(torch.from_numpy(train.labels[micro])))
         if fusion_name is not None:

@@ -257,7 +257,7 @@ def entity_loss(
 ) -> torch.Tensor:
     """The entity-prediction loss: cross-entropy of the target entity over the partition's
     entities (paper section 2.2), computed in fp32 whatever the autocast precision."""
-    with rt.autocast():
+    with rt.forward_context():
         logits = forward(**inputs)
     return torch.nn.functional.cross_entropy(logits.float(), labels)
 
@@ -293,7 +293,7 @@ def raw_name_vectors(
     with evaluating(encoder):
         for idx in sequential_batches(len(seqs), batch_size, seqs.lengths):
             ids, mask = seqs.pad(idx, tokenizer.pad_token_id)
-            with rt.autocast():
+            with rt.forward_context():
                 hidden = encoder(
                     input_ids=rt.to_device(ids), attention_mask=rt.to_device(mask)
                 ).last_hidden_state
@@ -356,7 +356,7 @@ def knowledge_probe(
     with evaluating(model):
         for idx in tqdm(batches, desc="knowledge probe", mininterval=5):
             batch = rows[idx]
-            with rt.autocast():
+            with rt.forward_context():
                 scores = model(**rt.batch(data.seqs.batch(batch, pad_id))).float().cpu()
             known = torch.zeros_like(scores, dtype=torch.bool)
             for i, q in enumerate(data.query[batch]):

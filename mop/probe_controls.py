@@ -108,7 +108,7 @@ def zero_shot(
             target = torch.from_numpy(local[part["phenotype"].to_numpy()].astype(np.int64))
             with evaluating(model):
                 for idx in sequential_batches(len(seqs), 256, seqs.lengths):
-                    with rt.autocast():
+                    with rt.forward_context():
                         logits = model(**rt.batch(seqs.batch(idx, tokenizer.pad_token_id)))
                     pick = logits.float().cpu().gather(1, target[torch.from_numpy(idx)][:, None])
                     scores[s][rows[idx]] = pick[:, 0].numpy()

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mop.dropout import CpuDropout
 from mop.errors import MopError
 from mop.io import write_json
 
@@ -108,10 +109,15 @@ class Runtime:
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(
+    @contextlib.contextmanager
+    def forward_context(self) -> Iterator[None]:
+        """What every forward runs in: bf16 autocast when the precision asks for it, and on
+        the CPU `mop.dropout.CpuDropout` (dropout masks without the serial sampler)."""
+        autocast = torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
         )
+        with autocast, contextlib.nullcontext() if self.cuda else CpuDropout():
+            yield
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """Host-to-device copy; from pinned memory and asynchronous on CUDA."""

@@ -41,10 +41,10 @@ def test_device_names_resolve_or_fail_with_the_key():
 def test_precision_auto_is_fp32_on_the_cpu_and_bf16_autocasts():
     rt = Runtime.create("cpu", "auto", threads=1)
     assert rt.precision == "fp32" and not rt.cuda
-    with rt.autocast():
+    with rt.forward_context():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     rt = Runtime.create("cpu", "bf16", threads=1)
-    with rt.autocast():
+    with rt.forward_context():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     assert rt.describe()["precision"] == "bf16" and rt.peak_memory_mb() is None
     with pytest.raises(MopError, match=r"runtime\.precision"):
