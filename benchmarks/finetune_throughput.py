@@ -16,7 +16,8 @@ fp32 with the same number of threads; PubMedQA's settings of config/paper.yaml
   the batch's longest example (bucketed_batches); input_ids, attention_mask and
   token_type_ids through mop.finetune._inputs; Runtime + accumulate + optimizer_step; the
   model as mop.finetune.build_classifier builds it (transformers' default attention,
-  SDPA);
+  SDPA); the forward in Runtime.forward_context, so dropout masks come from mop.dropout
+  (16-bit lanes of the seeded generator) instead of PyTorch's serial Bernoulli sampler;
 - baseline (the original MoP code's recipe): a torch Dataset that tokenizes each example
   when it is fetched (padding="max_length", max_length=512, truncation), the default
   DataLoader collate over shuffled examples, so every batch is 8 x 512 tokens; forward,
@@ -26,9 +27,9 @@ The original code ran transformers 3.5, which had only eager attention. The base
 run twice: with attn_implementation="eager" (the original's attention; `ratio` = ours /
 that, `baseline_attention` says which) and with SDPA, the attention ours uses
 (`ratio_same_attention`), so each lever shows: the second ratio is what the mop data path
-(pre-tokenized, bucketed, no padding to 512) gives alone, the first adds the kernel. (On
-the CPU, in training, SDPA with attention dropout runs PyTorch's math fallback, so the two
-baselines differ little there.)
+(pre-tokenized, bucketed, no padding to 512, mop.dropout's masks) gives alone, the first
+adds the kernel. (On the CPU, in training, SDPA with attention dropout runs PyTorch's math
+fallback, so the two baselines differ little there.)
 
 Each side runs in its own process (the mop runtime keeps freed buffers in glibc's heap,
 a process-wide setting the original recipe did not have), one after the other in an order

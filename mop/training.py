@@ -5,7 +5,9 @@ script; what they have in common lives here, so that the two cannot drift apart:
 
 - `Runtime`: where and how the model runs - device (`auto`, `cpu`, `cuda`, `cuda:N`),
   bf16 autocast and TF32 on CUDA, CPU threads, optional `torch.compile`, pinned
-  host-to-device copies, a malloc that keeps freed buffers (`keep_freed_memory`);
+  host-to-device copies, a malloc that keeps freed buffers (`keep_freed_memory`), and
+  the context every forward runs in (`forward_context`: autocast, and on the CPU the
+  dropout masks of `mop.dropout`);
 - `param_groups` / `Runtime.optimizer`: AdamW with no weight decay on biases and
   LayerNorm weights, one learning rate per model part, fused kernel (CPU and CUDA);
 - `accumulate` and `optimizer_step`: one optimisation step over `grad_accum` micro-batches
