@@ -78,9 +78,9 @@ def attention(
     scale: float | None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) with dropout, @ v: what scaled_dot_product_attention's
-    math path computes, with the dropout mask from `keep_mask`. The dropout's 1 / (1 - p)
-    multiplies the output (length x head size) instead of the probabilities (length x
-    length)."""
+    math path computes, with the dropout mask from `keep_mask` (0 < p < 1). The dropout's
+    1 / (1 - p) multiplies the output (length x head size) instead of the probabilities
+    (length x length)."""
     scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
     scores = torch.matmul(query, key.transpose(-2, -1)) * scale
     if attn_mask is not None:
@@ -89,8 +89,6 @@ def attention(
         else:
             scores = scores + attn_mask
     probs = torch.softmax(scores, dim=-1)
-    if dropout_p >= 1:
-        return torch.zeros_like(torch.matmul(probs, value))
     kept = torch.where(keep_mask(probs.shape, dropout_p), probs, 0)
     return torch.matmul(kept, value) * (1.0 / (1.0 - dropout_p))
 
@@ -130,6 +128,6 @@ class CpuDropout(TorchFunctionMode):
                 return x.copy_(out) if inplace else out
         elif func is F.scaled_dot_product_attention:
             q, k, v, mask, p, causal, scale, gqa = _sdpa_args(*args, **kwargs)
-            if p > 0 and not causal and not gqa and q.device.type == "cpu":
+            if 0 < p < 1 and not causal and not gqa and q.device.type == "cpu":
                 return attention(q, k, v, mask, p, scale)
         return func(*args, **kwargs)

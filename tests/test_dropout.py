@@ -2,6 +2,7 @@
 gradients, attention dropout against the math it replaces, and that a BERT forward in the
 runtime's context no longer calls PyTorch's serial Bernoulli sampler."""
 
+import contextlib
 import math
 
 import pytest
@@ -97,11 +98,10 @@ def test_attention_with_dropout_is_the_math_path_with_our_mask(mask_kind):
 def test_the_mode_replaces_training_dropout_only():
     q, k, v = _qkv(requires_grad=False)
     x = torch.randn(8, 8)
+    plain = F.scaled_dot_product_attention(q, k, v)
     with CpuDropout():
         # Inference: no dropout, PyTorch's own kernels, identical results.
-        assert torch.equal(
-            F.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
-        )
+        assert torch.equal(F.scaled_dot_product_attention(q, k, v), plain)
         assert torch.equal(F.dropout(x, 0.5, training=False), x)
         torch.manual_seed(3)
         fused = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
@@ -139,7 +139,7 @@ def test_bert_in_the_cpu_runtime_draws_no_bernoulli_masks(attn):
     rt = Runtime.create("cpu", "fp32", threads=1)
     ours = _ops(model, ids, rt.forward_context())
     assert "aten::bernoulli_" not in ours and "aten::random_" in ours
-    assert "aten::bernoulli_" in _ops(model, ids, torch.autograd.profiler.record_function("torch"))
+    assert "aten::bernoulli_" in _ops(model, ids, contextlib.nullcontext())
     # Evaluation forwards are PyTorch's own, and identical.
     model.eval()
     with torch.inference_mode():
