@@ -113,12 +113,14 @@ class Runtime:
 
     @contextlib.contextmanager
     def forward_context(self) -> Iterator[None]:
-        """What every forward runs in: bf16 autocast when the precision asks for it, and on
-        the CPU `mop.dropout.CpuDropout` (dropout masks without the serial sampler)."""
+        """What every forward runs in: bf16 autocast when the precision asks for it, and for
+        training forwards on the CPU `mop.dropout.CpuDropout` (dropout masks without the
+        serial sampler); evaluation forwards draw no masks, so they skip its dispatch."""
         autocast = torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
         )
-        with autocast, contextlib.nullcontext() if self.cuda else CpuDropout():
+        masks = not self.cuda and torch.is_grad_enabled()
+        with autocast, CpuDropout() if masks else contextlib.nullcontext():
             yield
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -140,9 +140,10 @@ def test_bert_in_the_cpu_runtime_draws_no_bernoulli_masks(attn):
     ours = _ops(model, ids, rt.forward_context())
     assert "aten::bernoulli_" not in ours and "aten::random_" in ours
     assert "aten::bernoulli_" in _ops(model, ids, contextlib.nullcontext())
-    # Evaluation forwards are PyTorch's own, and identical.
+    # Evaluation forwards are PyTorch's own (the mode is not even entered), and identical.
     model.eval()
     with torch.inference_mode():
         plain = model(input_ids=ids).last_hidden_state
         with rt.forward_context():
+            assert not torch.overrides._get_current_function_mode_stack()
             assert torch.equal(model(input_ids=ids).last_hidden_state, plain)
