@@ -125,16 +125,24 @@ def tiny_adapters(
     return dirs
 
 
+def without_venv(path: str) -> str:
+    """PATH without this venv's bin folder."""
+    venv_bin = Path(sys.executable).parent.resolve()
+    return os.pathsep.join(p for p in path.split(os.pathsep) if Path(p).resolve() != venv_bin)
+
+
 def snakemake(
     workdir: Path, *args: str, cores: int = 2, tracking_uri: str | None = None
 ) -> subprocess.CompletedProcess:
-    """Run the workflow in `workdir` (which holds config/config.yaml) with this venv's tools."""
+    """Run the workflow in `workdir` (which holds config/config.yaml) as a user who did not
+    activate the venv: this venv's Snakemake, its bin folder off PATH (the workflow itself
+    must find the `mop` command)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("MOP_INVOCATION", None)
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    env["PATH"] = without_venv(env["PATH"])
     return subprocess.run(
         [
             sys.executable,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, without_venv
 
 FIXTURES = REPO / "tests" / "fixtures" / "tasks"
 PAPER = REPO / "config" / "paper.yaml"
@@ -19,7 +19,7 @@ PAPER = REPO / "config" / "paper.yaml"
 
 def dry_run(workdir: Path, dry: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    env["PATH"] = without_venv(env["PATH"])
     return subprocess.run(
         [
             sys.executable,

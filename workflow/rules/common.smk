@@ -38,6 +38,12 @@ except MopError as exc:
 PLAN = Plan(config)
 R = PLAN.results
 
+# Rules call the `mop` command line installed beside the Python that runs Snakemake, so
+# `.venv/bin/snakemake` works without activating the venv (SLURM jobs inherit this PATH).
+BIN = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != BIN:
+    os.environ["PATH"] = os.pathsep.join([BIN, os.environ.get("PATH", "")])
+
 # Where training runs and which MLflow experiment the runs go to reach every job through
 # the environment (local or SLURM, which exports it), never as params: changing them
 # reruns nothing. One id per invocation groups the jobs' runs under a parent run.
