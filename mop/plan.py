@@ -14,7 +14,9 @@ of them changes).
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -267,6 +269,27 @@ class Plan:
         self.results = config["results"]
         self.ft = config["finetune"]
         self.an = config["analysis"]
+
+    def job_environment(self, environ: Mapping[str, str], python: str) -> dict[str, str]:
+        """What the workflow exports to its jobs (local or SLURM, which passes it on).
+
+        Where training runs and which MLflow experiment runs go to travel here, never as
+        params: changing them reruns nothing. PATH gets `python`'s bin folder first, so the
+        rules' `mop` command is found when Snakemake was started as `.venv/bin/snakemake`
+        without activating the venv."""
+        rt, tracking = self.config["runtime"], self.config["tracking"]
+        bin_dir, path = os.path.dirname(python), environ.get("PATH", "")
+        if path.split(os.pathsep)[0] != bin_dir:
+            path = os.pathsep.join([bin_dir, path]) if path else bin_dir
+        return {
+            "PATH": path,
+            "MOP_EXPERIMENT": self.config["experiment"],
+            "MOP_DEVICE": rt["device"],
+            "MOP_PRECISION": rt["precision"],
+            "MOP_COMPILE": "1" if rt["compile"] else "0",
+            "MOP_LOG_MODELS": "1" if tracking["log_models"] else "0",
+            "MOP_SYSTEM_METRICS": str(tracking["system_metrics"]),
+        }
 
     # ------------------------------------------------------------------ names and options
 

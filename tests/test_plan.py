@@ -203,3 +203,17 @@ def test_gpus_go_to_training_stages_only():
     res = Plan(config).resources("finetune")
     assert res["gpu_model"] == "a100" and res["cpus_per_gpu"] == 4
     assert res["slurm_partition"] == "cpu" and res["mem_mb"] == 32000
+
+
+def test_jobs_find_the_mop_command_beside_the_python_running_snakemake():
+    """Started as `.venv/bin/snakemake` without an activated venv, the jobs still run the
+    venv's `mop`; the runtime and experiment travel in the environment, not as params."""
+    plan = _paper()
+    env = plan.job_environment({"PATH": "/usr/bin:/bin"}, "/work/.venv/bin/python")
+    assert env["PATH"] == "/work/.venv/bin:/usr/bin:/bin"
+    # A nested Snakemake (a SLURM job) does not stack the folder again.
+    assert plan.job_environment(env, "/work/.venv/bin/python")["PATH"] == env["PATH"]
+    assert plan.job_environment({}, "/v/bin/python")["PATH"] == "/v/bin"
+    assert env["MOP_EXPERIMENT"] == plan.config["experiment"]
+    assert env["MOP_DEVICE"] == plan.config["runtime"]["device"]
+    assert env["MOP_COMPILE"] in {"0", "1"}

@@ -38,24 +38,9 @@ except MopError as exc:
 PLAN = Plan(config)
 R = PLAN.results
 
-# Rules call the `mop` command line installed beside the Python that runs Snakemake, so
-# `.venv/bin/snakemake` works without activating the venv (SLURM jobs inherit this PATH).
-BIN = os.path.dirname(sys.executable)
-if os.environ.get("PATH", "").split(os.pathsep)[0] != BIN:
-    os.environ["PATH"] = os.pathsep.join([BIN, os.environ.get("PATH", "")])
-
-# Where training runs and which MLflow experiment the runs go to reach every job through
-# the environment (local or SLURM, which exports it), never as params: changing them
-# reruns nothing. One id per invocation groups the jobs' runs under a parent run.
-RT = config["runtime"]
-os.environ.update(
-    MOP_EXPERIMENT=config["experiment"],
-    MOP_DEVICE=RT["device"],
-    MOP_PRECISION=RT["precision"],
-    MOP_COMPILE="1" if RT["compile"] else "0",
-    MOP_LOG_MODELS="1" if config["tracking"]["log_models"] else "0",
-    MOP_SYSTEM_METRICS=str(config["tracking"]["system_metrics"]),
-)
+# Runtime, experiment and PATH reach every job through the environment (mop.plan). One id
+# per invocation groups the jobs' runs under a parent run.
+os.environ.update(PLAN.job_environment(os.environ, sys.executable))
 if workflow.is_main_process:
     os.environ.setdefault("MOP_INVOCATION", time.strftime("%Y%m%d-%H%M%S"))
 
