@@ -1,6 +1,7 @@
 """The results grammar and the run grid, without Snakemake."""
 
 import copy
+import os
 
 import pytest
 import yaml
@@ -205,15 +206,21 @@ def test_gpus_go_to_training_stages_only():
     assert res["slurm_partition"] == "cpu" and res["mem_mb"] == 32000
 
 
-def test_jobs_find_the_mop_command_beside_the_python_running_snakemake():
+def test_jobs_find_the_mop_command_beside_the_python_running_snakemake(tmp_path):
     """Started as `.venv/bin/snakemake` without an activated venv, the jobs still run the
     venv's `mop`; the runtime and experiment travel in the environment, not as params."""
-    plan = _paper()
-    env = plan.job_environment({"PATH": "/usr/bin:/bin"}, "/work/.venv/bin/python")
-    assert env["PATH"] == "/work/.venv/bin:/usr/bin:/bin"
+    config = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    config.update(experiment="grid-a", runtime={"device": "cuda:1", "compile": True})
+    plan = Plan(validate_config(config))
+    venv_bin, python = tmp_path / "venv" / "bin", str(tmp_path / "venv" / "bin" / "python")
+    system = os.pathsep.join([str(tmp_path / "usr" / "bin"), str(tmp_path / "bin")])
+    env = plan.job_environment({"PATH": system}, python)
+    assert env["PATH"] == os.pathsep.join([str(venv_bin), system])
     # A nested Snakemake (a SLURM job) does not stack the folder again.
-    assert plan.job_environment(env, "/work/.venv/bin/python")["PATH"] == env["PATH"]
-    assert plan.job_environment({}, "/v/bin/python")["PATH"] == "/v/bin"
-    assert env["MOP_EXPERIMENT"] == plan.config["experiment"]
-    assert env["MOP_DEVICE"] == plan.config["runtime"]["device"]
-    assert env["MOP_COMPILE"] in {"0", "1"}
+    assert plan.job_environment(env, python)["PATH"] == env["PATH"]
+    assert plan.job_environment({}, python)["PATH"] == str(venv_bin)
+    assert (env["MOP_EXPERIMENT"], env["MOP_DEVICE"], env["MOP_COMPILE"]) == (
+        "grid-a",
+        "cuda:1",
+        "1",
+    )
