@@ -129,7 +129,7 @@ from mop.fusion import MixtureConfig, add_mixture
 from mop.models import load_tokenizer, resolve_model
 from mop.tasks.encode import EncodedSplit, encode_frame
 from mop.tasks.pubmedqa import LABELS, SPEC, read_questions
-from mop.training import Runtime, accumulate, optimizer_step
+from mop.training import Runtime, accumulate, optimizer_step, share
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "tasks" / "pubmedqa" / "ori_pqal.json"
@@ -218,10 +218,11 @@ class Ours:
         opt = rt.optimizer(_param_groups(model, cfg))
         sched = schedule(opt, cfg, len(self.batches))
 
-        def loss_of(micro: np.ndarray) -> torch.Tensor:
+        def loss_of(micro: np.ndarray, batch: np.ndarray) -> torch.Tensor:
             with rt.forward_context():
                 logits, _ = forward(**_inputs(split, micro, pad_id, rt))
-            return task_loss(SPEC, logits, rt.to_device(torch.from_numpy(split.labels[micro])))
+            labels = rt.to_device(torch.from_numpy(split.labels[micro]))
+            return task_loss(SPEC, logits, labels) * share(micro, batch)
 
         def step(k: int) -> torch.Tensor:
             loss = accumulate(self.batches[k], cfg.grad_accum, loss_of)
@@ -567,14 +568,14 @@ def trainer(model: Classifier, rt: Runtime, total_steps: int):
     sched = schedule(opt, GPU_CONFIG, total_steps)
 
     def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        def loss_of(micro: np.ndarray) -> torch.Tensor:
+        def loss_of(micro: np.ndarray, whole: np.ndarray) -> torch.Tensor:
             rows = torch.from_numpy(micro)
             inputs = rt.batch({k: v[rows] for k, v in batch.items() if k != "label"})
             with rt.forward_context():
                 logits, _ = forward(**inputs)
             loss = task_loss(SPEC, logits, rt.to_device(batch["label"][rows]))
             reg = model.encoder.get_fusion_regularization_loss()
-            return loss if reg is None else loss + reg
+            return (loss if reg is None else loss + reg) * share(micro, whole)
 
         loss = accumulate(np.arange(len(batch["label"])), GPU_CONFIG.grad_accum, loss_of)
         optimizer_step(model, opt, sched, GPU_CONFIG.max_grad_norm)

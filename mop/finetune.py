@@ -53,12 +53,14 @@ from mop.training import (
     Runtime,
     StopSignal,
     accumulate,
+    check_finite,
     evaluating,
     file_digest,
     fingerprint,
     optimizer_step,
     param_groups,
     seed_all,
+    share,
     trainable_state,
 )
 
@@ -93,6 +95,15 @@ class FinetuneConfig:
 # Settings that change how a run executes, not what it computes: a checkpoint written
 # under other values still resumes.
 EXECUTION_KEYS = ("grad_accum", "eval_batch_size", "checkpoint_every", "save_model", "eval_train")
+
+
+def execution_keys(cfg: FinetuneConfig) -> tuple[str, ...]:
+    """`EXECUTION_KEYS` for this run. MoE's balance losses are a CV^2 over a micro-batch's
+    tokens, not linear in the batch, so for MoE `grad_accum` changes what is learned: it
+    is part of what the run computes and a checkpoint resumes only under the same value."""
+    if cfg.mixture.kind == "moe":
+        return tuple(k for k in EXECUTION_KEYS if k != "grad_accum")
+    return EXECUTION_KEYS
 
 
 def check_labels(task: TaskSpec, split: EncodedSplit, path: Path) -> None:
@@ -294,6 +305,39 @@ def _inputs(split: EncodedSplit, idx: np.ndarray, pad_id: int, rt: Runtime) -> d
     return batch
 
 
+def batch_loss(
+    model: Classifier,
+    forward: Any,
+    task: TaskSpec,
+    split: EncodedSplit,
+    micro: np.ndarray,
+    batch: np.ndarray,
+    cfg: FinetuneConfig,
+    rt: Runtime,
+    pad_id: int,
+) -> torch.Tensor:
+    """A micro-batch's part of its batch's training loss: the task's loss plus
+    AdapterFusion's value regulariser (weighted by the micro-batch's share) and the
+    mixture's auxiliary losses (MoE balance, routing: `mixture_aux_loss`).
+
+    forward: what to call for the forward (the model, or its compiled form)."""
+    part = share(micro, batch)
+    with rt.forward_context():
+        logits, _ = forward(**_inputs(split, micro, pad_id, rt))
+    loss = task_loss(task, logits, rt.to_device(torch.from_numpy(split.labels[micro])))
+    if cfg.mixture.fusion_reg and model.mixture_layers:
+        reg = model.encoder.get_fusion_regularization_loss()
+        if reg is not None:
+            loss = loss + reg
+    loss = loss * part
+    if model.mixture_layers:
+        linked = None if split.links is None else int((split.links[batch].sum(1) > 0).sum())
+        aux = mixture_aux_loss(model, part, linked)
+        if aux is not None:
+            loss = loss + aux
+    return loss
+
+
 def predict(
     model: Classifier,
     task: TaskSpec,
@@ -330,6 +374,12 @@ def predict(
                 real = inputs["attention_mask"].cpu().numpy().astype(np.float32)[..., None]
                 per_token = stacked.mean(0)
                 mean_mix[rows] = (per_token * real).sum(1) / np.maximum(real.sum(1), 1.0)
+    if not np.isfinite(probs).all():
+        bad = int((~np.isfinite(probs)).any(1).sum())
+        raise MopError(
+            f"predict: {bad} of {len(split)} examples got non-finite probabilities (the "
+            "model's weights or inputs hold NaN or infinity); no metrics are written"
+        )
     return probs, mix, mean_mix
 
 
@@ -499,7 +549,7 @@ def run_fingerprint(
 ) -> str:
     """What a checkpoint must match to be resumed: settings that change the result, the
     model, the adapters' bytes and the data."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in EXECUTION_KEYS}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in execution_keys(cfg)}
     parts: list[Any] = [method, spec.identifier()]
     for d in adapter_dirs:
         parts += [file_digest(f) for f in sorted(Path(d).iterdir()) if f.is_file()]
@@ -562,21 +612,8 @@ def finetune(
     optimizer = rt.optimizer(_param_groups(model, cfg))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup * total), total)
 
-    def loss_of(micro: np.ndarray) -> torch.Tensor:
-        """The training loss of some examples: the task's loss plus AdapterFusion's value
-        regulariser and any mixture auxiliary loss (MoE load balance)."""
-        with rt.forward_context():
-            logits, _ = forward(**_inputs(train, micro, pad_id, rt))
-        loss = task_loss(task, logits, rt.to_device(torch.from_numpy(train.labels[micro])))
-        if fusion_name is not None:
-            if cfg.mixture.fusion_reg:
-                reg = model.encoder.get_fusion_regularization_loss()
-                if reg is not None:
-                    loss = loss + reg
-            aux = mixture_aux_loss(model)
-            if aux is not None:
-                loss = loss + aux
-        return loss
+    def loss_of(micro: np.ndarray, batch: np.ndarray) -> torch.Tensor:
+        return batch_loss(model, forward, task, train, micro, batch, cfg, rt, pad_id)
 
     ckpt = Checkpoint(out / "checkpoint", run_fingerprint(spec, method, adapter_dirs, data, cfg))
     state: dict[str, Any] = {
@@ -628,6 +665,7 @@ def finetune(
             for b in range(state["batch"], len(batches)):
                 tick = time.perf_counter()
                 loss = accumulate(batches[b], cfg.grad_accum, loss_of)
+                check_finite(loss, f"finetune {out}", state["step"] + 1, ckpt)
                 optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
                 loss_sum += loss
                 state["step"] += 1

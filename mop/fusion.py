@@ -25,10 +25,17 @@ from the KG entities it names):
 
 - routed: while training, an auxiliary loss `route_loss * H(q, p)` pulls p, the mixture
   weights averaged over an input's real tokens, towards q (cross-entropy, averaged over the
-  fusion layers and the linked inputs of the batch; unlinked inputs add nothing). At
-  inference nothing about links is needed.
+  fusion layers and over the linked inputs of the whole optimizer batch; unlinked inputs
+  add nothing). At inference nothing about links is needed.
 - prior: `route_prior * log(q + 1/K)` is added to every token's scores over the adapters,
   in training and at inference (so inference needs the links too); unlinked inputs get 0.
+
+Both auxiliary losses (MoE balance, routing) are averaged over the fusion layers, so a
+weight means the same on a 6-layer MiniLM and a 12-layer BERT. The routing loss is a sum
+over inputs divided by the batch's linked inputs, so gradient accumulation leaves it
+unchanged; the MoE balance losses (a CV^2 over a micro-batch's tokens) are not linear in
+the batch, so for MoE mixtures `grad_accum` is part of what a run computes
+(`mop.finetune.execution_keys`).
 
 CV^2 is the population variance over the mean squared. The original code ran its MoE top-k
 over the token axis, left both variants random at evaluation and ignored the balance loss;
@@ -123,18 +130,23 @@ def balance_losses(
     return importance, cv_squared(p_in.sum(0))
 
 
-def route_loss(probs: torch.Tensor, mask: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy H(q, p) of the linked inputs: p = weights averaged over real tokens.
+def route_cross_entropy(
+    probs: torch.Tensor, mask: torch.Tensor, route: torch.Tensor
+) -> torch.Tensor:
+    """Per input, H(q, p) with p = the weights averaged over its real tokens; 0 where unlinked.
 
     probs (B, T, K), mask (B, T) of 0/1, route (B, K) with rows of zeros where unlinked.
     """
     m = mask.to(probs.dtype).unsqueeze(-1)
     p = (probs * m).sum(1) / m.sum(1).clamp_min(1.0)
-    linked = route.sum(-1) > 0
-    if not linked.any():
-        return probs.new_zeros(())
-    ce = -(route * torch.log(p.clamp_min(1e-9))).sum(-1)
-    return ce[linked].mean()
+    linked = (route.sum(-1) > 0).to(probs.dtype)
+    return -(route * torch.log(p.clamp_min(1e-9))).sum(-1) * linked
+
+
+def route_loss(probs: torch.Tensor, mask: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+    """Mean of `route_cross_entropy` over the linked inputs (0 when none is linked)."""
+    linked = int((route.sum(-1) > 0).sum())
+    return route_cross_entropy(probs, mask, route).sum() / max(linked, 1)
 
 
 def log_prior(route: torch.Tensor) -> torch.Tensor:
@@ -148,8 +160,10 @@ class MixtureFusion(BertFusion):
     """AdapterFusion with Gumbel-softmax or noisy top-k weights over the adapters, optionally
     routed by the inputs' linked partitions.
 
-    The model sets `mask` (B, T) and `route` (B, K) before each forward (`set_context`);
-    auxiliary losses of a training forward accumulate in `aux_loss`."""
+    The model sets `mask` (B, T) and `route` (B, K) before each forward (`set_context`).
+    A training forward leaves its weighted MoE balance loss in `balance` and its weighted
+    sum of routing cross-entropies (over the forward's linked inputs) in `route_sum`;
+    `mixture_aux_loss` combines and clears them."""
 
     def __init__(self, config: Any, dense_size: int, dropout_prob: float, mixture: MixtureConfig):
         super().__init__(config, dense_size, dropout_prob)
@@ -158,12 +172,10 @@ class MixtureFusion(BertFusion):
             self.noise = nn.Linear(dense_size, dense_size)
             nn.init.zeros_(self.noise.weight)
             nn.init.zeros_(self.noise.bias)
-        self.aux_loss: torch.Tensor | None = None
+        self.balance: torch.Tensor | None = None
+        self.route_sum: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
         self.route: torch.Tensor | None = None
-
-    def _add_loss(self, value: torch.Tensor) -> None:
-        self.aux_loss = value if self.aux_loss is None else self.aux_loss + value
 
     def _real_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Rows (B*T, K) of the tokens that are not padding."""
@@ -199,7 +211,7 @@ class MixtureFusion(BertFusion):
                     self._real_tokens(probs),
                     k,
                 )
-                self._add_loss(m.importance * importance + m.load * load)
+                self.balance = m.importance * importance + m.load * load
             return probs
         return torch.softmax(scores / self.T, dim=-1)
 
@@ -215,7 +227,8 @@ class MixtureFusion(BertFusion):
         probs = self.weights(self.dropout(scores).float(), query_layer, key_layer)
         m = self.mixture
         if self.training and m.routed and self.route is not None and self.mask is not None:
-            self._add_loss(m.route_loss * route_loss(probs, self.mask, self.route.float()))
+            ce = route_cross_entropy(probs, self.mask, self.route.float())
+            self.route_sum = m.route_loss * ce.sum()
         context = torch.matmul(probs.unsqueeze(2), value_layer).squeeze(2)
         if self.config["value"] and not self.config["value_before_softmax"]:
             context = self.value(context)
@@ -290,12 +303,28 @@ def set_context(
         layer.route = route
 
 
-def mixture_aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum of the mixture layers' auxiliary losses of the last forward (MoE balance,
-    routing), then cleared; None if there were none."""
-    losses = []
-    for m in mixtures(model):
-        if m.aux_loss is not None:
-            losses.append(m.aux_loss)
-            m.aux_loss = None
-    return torch.stack(losses).sum() if losses else None
+def mixture_aux_loss(
+    model: nn.Module, share: float = 1.0, linked: int | None = None
+) -> torch.Tensor | None:
+    """The mixture layers' auxiliary losses of the last forward, each averaged over the
+    layers, then cleared; None if there were none.
+
+    The MoE balance loss is weighted by `share`, this forward's share of the optimizer
+    batch (as the task loss is). The routing loss is the summed cross-entropy of this
+    forward's linked inputs over `linked`, the number of linked inputs in the whole batch
+    (default: this forward's), so micro-batches add up to the batch's mean.
+    """
+    layers = mixtures(model)
+    balance = [m.balance for m in layers if m.balance is not None]
+    routes = [m.route_sum for m in layers if m.route_sum is not None]
+    if linked is None and routes:
+        route = layers[0].route
+        linked = int((route.sum(-1) > 0).sum()) if route is not None else 0
+    for m in layers:
+        m.balance = m.route_sum = None
+    terms = []
+    if balance:
+        terms.append(share * torch.stack(balance).mean())
+    if routes and linked:
+        terms.append(torch.stack(routes).mean() / linked)
+    return torch.stack(terms).sum() if terms else None

@@ -36,7 +36,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from mop.batching import Sequences, bucketed_batches, sequential_batches
 from mop.errors import MopError, Preempted
-from mop.io import atomic_dir, atomic_path, require_file, write_json
+from mop.io import atomic_dir, atomic_path, read_json, require_file, write_json
 from mop.kg import read_kg, read_table
 from mop.log import log
 from mop.models import ModelSpec, load_base_model, load_tokenizer
@@ -47,11 +47,13 @@ from mop.training import (
     Runtime,
     StopSignal,
     accumulate,
+    check_finite,
     evaluating,
     fingerprint,
     optimizer_step,
     param_groups,
     seed_all,
+    share,
 )
 
 MAX_RELATION_TOKENS = 16
@@ -222,11 +224,27 @@ def load_partition_data(
 
 
 class EntityPredictor(torch.nn.Module):
-    """Base model + one adapter, and a linear entity head on the [CLS] vector."""
+    """Base model + one adapter, and a linear entity head on the [CLS] vector.
 
-    def __init__(self, encoder: torch.nn.Module, num_entities: int) -> None:
+    pooling `cls` reads the last layer's first token (the paper's "representation of the
+    [CLS] token"); `pooler` reads BERT's pooler output, and with `dropout` 0.1 this is the
+    original code's head (a sequence-classification head: pooler, dropout, linear)."""
+
+    def __init__(
+        self,
+        encoder: torch.nn.Module,
+        num_entities: int,
+        pooling: str = "cls",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
+        if pooling not in ("cls", "pooler"):
+            raise MopError(f"pretrain.pooling: {pooling!r} is not cls or pooler")
+        if pooling == "pooler" and getattr(encoder, "pooler", None) is None:
+            raise MopError("pretrain.pooling: pooler needs a base model with a pooler layer")
         self.encoder = encoder
+        self.pooling = pooling
+        self.dropout = torch.nn.Dropout(dropout)
         self.head = torch.nn.Linear(encoder.config.hidden_size, num_entities)
 
     def cls(
@@ -238,6 +256,8 @@ class EntityPredictor(torch.nn.Module):
         out = self.encoder(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
         )
+        if self.pooling == "pooler":
+            return out.pooler_output
         return out.last_hidden_state[:, 0]
 
     def forward(
@@ -246,7 +266,16 @@ class EntityPredictor(torch.nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.head(self.cls(input_ids, attention_mask, token_type_ids))
+        return self.head(self.dropout(self.cls(input_ids, attention_mask, token_type_ids)))
+
+    def scores(self, inputs: dict[str, torch.Tensor], rt: Runtime) -> torch.Tensor:
+        """Evaluation scores over the partition's entities, in fp32: the encoder runs in the
+        runtime's precision, the head outside autocast (bf16 logits keep ~3 significant
+        digits, so over thousands of entities they tie)."""
+        with rt.forward_context():
+            vector = self.cls(**inputs)
+        with torch.autocast(rt.device.type, enabled=False):
+            return self.head(vector.float())
 
 
 def entity_loss(
@@ -326,14 +355,17 @@ def name_vectors(
 def filtered_ranks(
     scores: torch.Tensor, targets: torch.Tensor, known: torch.Tensor
 ) -> torch.Tensor:
-    """Rank of each target among its row's scores, other known answers filtered out.
+    """Realistic rank of each target among its row's scores, other known answers filtered.
 
     scores: (n, E); targets: (n,); known: (n, E) bool, True for every correct answer of
-    the row's query. Rank = 1 + number of non-answers scoring strictly higher.
+    the row's query. Rank = 1 + non-answers scoring higher + half the non-answers that tie
+    with the target: the expected rank under a random order of ties (PyKEEN's "realistic"
+    rank), so ties never count in the target's favour. Float, e.g. 1.5.
     """
     target_score = scores.gather(1, targets[:, None])
-    higher = (scores > target_score) & ~known
-    return 1 + higher.sum(1)
+    higher = ((scores > target_score) & ~known).sum(1)
+    ties = ((scores == target_score) & ~known).sum(1)
+    return 1.0 + higher.double() + 0.5 * ties.double()
 
 
 def knowledge_probe(
@@ -344,7 +376,8 @@ def knowledge_probe(
     batch_size: int = 256,
     runtime: Runtime | None = None,
 ) -> dict[str, float]:
-    """hits@1, hits@10 and MRR of entity prediction on the given example rows (filtered)."""
+    """hits@1, hits@10 and MRR of entity prediction on the given example rows (filtered,
+    realistic ranks over fp32 scores: see `filtered_ranks`)."""
     if rows.size == 0:
         return {}
     rt = runtime or Runtime(next(model.parameters()).device)
@@ -356,13 +389,17 @@ def knowledge_probe(
     with evaluating(model):
         for idx in tqdm(batches, desc="knowledge probe", mininterval=5):
             batch = rows[idx]
-            with rt.forward_context():
-                scores = model(**rt.batch(data.seqs.batch(batch, pad_id))).float().cpu()
+            scores = model.scores(rt.batch(data.seqs.batch(batch, pad_id)), rt).cpu()
+            if not torch.isfinite(scores).all():
+                raise MopError(
+                    "knowledge probe: the entity head gives non-finite scores (a diverged "
+                    "adapter or head); its metrics would mean nothing"
+                )
             known = torch.zeros_like(scores, dtype=torch.bool)
             for i, q in enumerate(data.query[batch]):
                 known[i, answers[int(q)]] = True
             ranks.append(filtered_ranks(scores, torch.from_numpy(data.labels[batch]), known))
-    r = torch.cat(ranks).double()
+    r = torch.cat(ranks)
     return {
         "hits_at_1": float((r <= 1).double().mean()),
         "hits_at_10": float((r <= 10).double().mean()),
@@ -384,6 +421,8 @@ class PretrainConfig:
     warmup: float = 0.0
     reduction_factor: int = 8
     head_init: str = "random"  # "random" (paper) or "names" (our addition)
+    pooling: str = "cls"  # the head's input: "cls" (paper) or "pooler" (original code)
+    dropout: float = 0.0  # before the head (the original code's head: 0.1 on the pooler)
     max_grad_norm: float | None = None
     checkpoint_every: int = 200
     log_every: int = 10
@@ -422,8 +461,16 @@ def pretrain_partition(
     seed_all(cfg.seed)
     tokenizer = load_tokenizer(spec)
     pad_id = tokenizer.pad_token_id
+    if cfg.head_init == "names" and cfg.pooling != "cls":
+        raise MopError(
+            "pretrain.head_init: names starts the head from [CLS] name vectors; with "
+            f"pooling {cfg.pooling} use head_init random (the original code's)"
+        )
     model = EntityPredictor(
-        build_adapter_model(spec, adapter_name, cfg.reduction_factor), data.num_entities
+        build_adapter_model(spec, adapter_name, cfg.reduction_factor),
+        data.num_entities,
+        cfg.pooling,
+        cfg.dropout,
     )
     if cfg.head_init == "names":
         model.head.weight.data.copy_(
@@ -443,9 +490,10 @@ def pretrain_partition(
         optimizer, int(cfg.warmup * total_steps), total_steps
     )
 
-    def loss_of(rows: np.ndarray) -> torch.Tensor:
+    def loss_of(rows: np.ndarray, batch: np.ndarray) -> torch.Tensor:
         labels = rt.to_device(torch.from_numpy(data.labels[rows]))
-        return entity_loss(forward, rt.batch(data.seqs.batch(rows, pad_id)), labels, rt)
+        inputs = rt.batch(data.seqs.batch(rows, pad_id))
+        return entity_loss(forward, inputs, labels, rt) * share(rows, batch)
 
     ckpt = Checkpoint(out / "checkpoint", run_fingerprint(spec, data, cfg))
     state: dict[str, Any] = {
@@ -470,6 +518,7 @@ def pretrain_partition(
                 tick = time.perf_counter()
                 rows = train_rows[batches[b]]
                 loss = accumulate(rows, cfg.grad_accum, loss_of)
+                check_finite(loss, f"pretrain {out}", state["step"] + 1, ckpt)
                 optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
                 state["step"] += 1
                 state["examples"] += rows.size
@@ -576,13 +625,16 @@ def save_outputs(
 def load_entity_predictor(
     spec: ModelSpec, adapter_dir: str | Path, head_path: str | Path, adapter_name: str = "knowledge"
 ) -> EntityPredictor:
-    """Rebuild a trained entity predictor from its saved adapter and head."""
+    """Rebuild a trained entity predictor from its saved adapter and head (pooled as its
+    run pooled, from the `card.json` beside the head)."""
+    card = Path(head_path).parent / "card.json"
+    pooling = read_json(card).get("config", {}).get("pooling", "cls") if card.is_file() else "cls"
     encoder = load_base_model(spec)
     adapters.init(encoder)
     encoder.load_adapter(
         str(adapter_dir), load_as=adapter_name, set_active=True, use_safetensors=True
     )
     head = load_file(str(head_path))
-    model = EntityPredictor(encoder, head["weight"].shape[0])
+    model = EntityPredictor(encoder, head["weight"].shape[0], pooling)
     model.head.load_state_dict(head)
     return model.eval()

@@ -12,6 +12,7 @@ script; what they have in common lives here, so that the two cannot drift apart:
   LayerNorm weights, one learning rate per model part, fused kernel (CPU and CUDA);
 - `accumulate` and `optimizer_step`: one optimisation step over `grad_accum` micro-batches
   (the gradient equals the whole batch's), with optional gradient clipping;
+  `check_finite` stops a run whose loss is NaN or infinite before the step is applied;
 - `seed_all`, `fingerprint`;
 - `Checkpoint`: the parameters that train, optimizer, scheduler, CPU and CUDA RNG states,
   the position in the data and the loop's own state (history, early stopping), written
@@ -228,21 +229,45 @@ def micro_batches(index: np.ndarray, grad_accum: int) -> list[np.ndarray]:
 
 
 def accumulate(
-    index: np.ndarray, grad_accum: int, loss_of: Callable[[np.ndarray], torch.Tensor]
+    index: np.ndarray,
+    grad_accum: int,
+    loss_of: Callable[[np.ndarray, np.ndarray], torch.Tensor],
 ) -> torch.Tensor:
     """Forward and backward over the micro-batches of one batch; return the batch loss.
 
-    Each micro-batch's mean loss is weighted by its share of the batch, so the summed
-    gradient is the whole batch's mean-loss gradient: `grad_accum` only trades memory for
-    time, it does not change what is learned. The loss stays on the device (no sync).
+    `loss_of(micro, index)` returns the micro-batch's part of the whole batch's loss (a
+    mean loss weighted by `micro.size / index.size`, a sum divided by a count over the
+    whole batch), so the summed gradient is the whole batch's: `grad_accum` only trades
+    memory for time wherever the loss is linear in the batch. The loss stays on the
+    device (no sync).
     """
     total: torch.Tensor | None = None
     for micro in micro_batches(index, grad_accum):
-        loss = loss_of(micro) * (micro.size / index.size)
+        loss = loss_of(micro, index)
         loss.backward()
         total = loss.detach().float() if total is None else total + loss.detach().float()
     assert total is not None
     return total
+
+
+def share(micro: np.ndarray, index: np.ndarray) -> float:
+    """A micro-batch's share of its batch: the weight of its mean loss."""
+    return micro.size / index.size
+
+
+def check_finite(loss: torch.Tensor, where: str, step: int, checkpoint: Checkpoint) -> None:
+    """Stop a run whose training loss is NaN or infinite, before the step is applied.
+
+    One message names the run, the step and the last checkpoint written before it (the
+    weights there are the last known good ones); nothing else of the run is written."""
+    if bool(torch.isfinite(loss)):
+        return
+    last = checkpoint.current()
+    good = f"last good checkpoint: {last}" if last else "no checkpoint was written before it"
+    raise MopError(
+        f"{where}: training loss is {float(loss)} at step {step}; {good}. Lower the "
+        "learning rate, set max_grad_norm or use fp32, then run it again"
+    )
 
 
 def optimizer_step(
@@ -385,6 +410,10 @@ class Checkpoint:
         if not self.exists():
             return None
         return self.folder / json.loads(self.latest.read_text())["dir"]
+
+    def current(self) -> Path | None:
+        """The latest complete checkpoint's folder, if one was written."""
+        return self._current_dir()
 
     def load(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any

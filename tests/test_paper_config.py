@@ -114,6 +114,15 @@ def test_dry_run_lists_the_papers_jobs(tmp_path):
     assert all(" --task-dir results/tasks/hoc " in c for c in hoc)
     base = [c for c in hoc if "/base/seed" in c]
     assert base and all('"lr_fusion"' not in c and '"lr_adapters"' not in c for c in base)
+    # the original implementation's heads and loss, as the config's header says
+    assert all('"pooling": "pooler"' in c for c in commands)
+    mop = [c for c in commands if "/mop-" in c]
+    assert mop and all('"fusion_reg": false' in c for c in mop)
+    pretrain = [
+        c for c in result.stdout.splitlines() if c.startswith("Shell command: mop pretrain")
+    ]
+    assert len(pretrain) == jobs["pretrain"]
+    assert all('"pooling": "pooler"' in c and '"dropout": 0.1' in c for c in pretrain)
 
 
 def test_missing_dataset_stops_a_real_run_before_any_job(tmp_path):

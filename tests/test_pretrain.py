@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from mop.batching import Sequences, bucketed_batches
+from mop.errors import MopError
 from mop.models import load_tokenizer
 from mop.pretrain import (
     EntityPredictor,
@@ -83,15 +84,82 @@ def test_padding_never_reaches_the_prediction(small_kg, small_partition, small_t
 
 def test_filtered_ranks_match_brute_force():
     rng = np.random.default_rng(0)
-    scores = torch.from_numpy(rng.normal(size=(20, 30)).astype(np.float32))
+    # scores on a coarse grid, so that many non-answers tie with their row's target
+    scores = torch.from_numpy(rng.integers(0, 6, size=(20, 30)).astype(np.float32))
     targets = torch.from_numpy(rng.integers(0, 30, size=20))
     known = torch.from_numpy(rng.random((20, 30)) < 0.1)
     known[torch.arange(20), targets] = True
     ranks = filtered_ranks(scores, targets, known)
+    ties_seen = 0
     for i in range(20):
         t = int(targets[i])
-        brute = 1 + sum(1 for e in range(30) if not known[i, e] and scores[i, e] > scores[i, t])
-        assert ranks[i] == brute
+        others = [e for e in range(30) if not known[i, e]]
+        higher = sum(1 for e in others if scores[i, e] > scores[i, t])
+        ties = sum(1 for e in others if scores[i, e] == scores[i, t])
+        ties_seen += ties
+        assert ranks[i] == pytest.approx(1 + higher + ties / 2)
+    assert ties_seen > 20
+
+
+def test_ties_never_count_for_the_target():
+    """A head that scores every entity the same knows nothing: its realistic rank is the
+    middle of the list (hits@1 0), not 1 (hits@1 1, what `scores > target` gave)."""
+    scores = torch.zeros(3, 10)
+    targets = torch.tensor([0, 4, 9])
+    known = torch.zeros(3, 10, dtype=torch.bool)
+    known[torch.arange(3), targets] = True
+    known[2, 3] = True  # another answer of the third query: filtered out
+    ranks = filtered_ranks(scores, targets, known)
+    assert ranks.tolist() == [5.5, 5.5, 5.0]
+
+
+def test_probe_scores_are_fp32_under_bf16(small_kg, small_partition, small_tokens, tiny_spec):
+    """Two entities whose head rows differ by 0.1% tie in bf16 logits; the probe scores in
+    fp32, so under a bf16 runtime the better non-answer still ranks above the target."""
+    from mop.training import Runtime
+
+    data = load_partition_data(small_tokens, small_partition, small_kg, 0)
+    torch.manual_seed(0)
+    model = EntityPredictor(build_adapter_model(tiny_spec, "knowledge", 8), data.num_entities)
+    rows = np.array([0])
+    target = int(data.labels[0])
+    other = next(
+        e for e in range(data.num_entities) if e not in data.labels[data.query == data.query[0]]
+    )
+    with torch.no_grad():
+        vector = model.cls(*data.seqs.pad(rows))[0]
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.weight[target] = vector / vector.norm() * 50
+        model.head.weight[other] = model.head.weight[target] * 1.001
+    bf16 = Runtime(torch.device("cpu"), "bf16")
+    with torch.no_grad(), bf16.forward_context():
+        logits = model(*data.seqs.pad(rows))
+    assert logits[0, target] == logits[0, other]  # bf16 logits tie: the trap
+    probe = knowledge_probe(model, data, rows, 0, runtime=bf16)
+    assert probe["hits_at_1"] == 0.0 and probe["mrr"] == pytest.approx(0.5)
+
+
+def test_the_original_entity_head_reads_the_pooler_with_dropout(
+    small_kg, small_partition, small_tokens, tiny_spec, tmp_path
+):
+    """pooling pooler + dropout 0.1 (config/paper.yaml): the head is trained on BERT's
+    pooler output and a reloaded predictor pools the same way."""
+    data = load_partition_data(small_tokens, small_partition, small_kg, 1)
+    cfg = PretrainConfig(epochs=1, lr=1e-3, batch_size=16, pooling="pooler", dropout=0.1)
+    pretrain_partition(tiny_spec, data, cfg, tmp_path)
+    model = load_entity_predictor(tiny_spec, tmp_path / "adapter", tmp_path / "head.safetensors")
+    assert model.pooling == "pooler"
+    ids, mask = data.seqs.pad(np.arange(4))
+    with torch.no_grad():
+        out = model.encoder(input_ids=ids, attention_mask=mask)
+        expected = model.head(out.pooler_output)
+        torch.testing.assert_close(model(ids, mask), expected)
+        assert not torch.allclose(model.head(out.last_hidden_state[:, 0]), expected)
+    with pytest.raises(MopError, match="head_init: names"):
+        pretrain_partition(
+            tiny_spec, data, PretrainConfig(pooling="pooler", head_init="names"), tmp_path / "x"
+        )
 
 
 def test_training_moves_the_head_and_adapter_and_saves_reloadable_files(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import polars as pl
@@ -16,6 +17,7 @@ from mop.finetune import FinetuneConfig, build_classifier, finetune, routing_dia
 from mop.fusion import (
     MixtureConfig,
     balance_losses,
+    cv_squared,
     log_prior,
     mixture_aux_loss,
     route_loss,
@@ -164,12 +166,12 @@ def test_moe_balance_counts_real_tokens_only(tiny_spec, tiny_adapters, monkeypat
     for length, mask in ((6, [[1, 1, 1, 1, 0, 0]]), (4, [[1, 1, 1, 1]])):
         set_context([layer], torch.tensor(mask), None)
         layer.weights(scores[:, :length], query[:, :length], key[:, :length])
-        losses.append(layer.aux_loss.item())
-        layer.aux_loss = None
+        losses.append(layer.balance.item())
+        layer.balance = None
     assert losses[0] > 0 and losses[0] == pytest.approx(losses[1], rel=1e-6)
     set_context([layer], None, None)  # no mask known: every token counts
     layer.weights(scores, query, key)
-    assert layer.aux_loss.item() != pytest.approx(losses[0], rel=1e-6)
+    assert layer.balance.item() != pytest.approx(losses[0], rel=1e-6)
 
 
 def test_routed_training_loss_and_prior_at_inference(tiny_spec, tiny_adapters):
@@ -281,3 +283,95 @@ def test_the_workflow_runs_a_routed_mixture(finished_run, tmp_path):
     table6 = pl.read_csv(results / "tables/table6_mixtures.csv")
     routed = table6.filter(pl.col("Mixture") == "softmax-routed-prior")
     assert routed.height == 1 and float(routed["Routing"][0]) >= 0
+
+
+def _without_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere (training mode stays on): forwards become functions of the
+    weights, so gradients can be compared exactly."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "dropout_prob"):
+            m.dropout_prob = 0.0
+
+
+@pytest.fixture()
+def deterministic_noise(monkeypatch):
+    """Gumbel and MoE noise drawn as zeros: what the mixtures compute given their noise."""
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda t, *a, **k: t.fill_(1.0))
+
+
+def test_auxiliary_losses_are_averaged_over_the_fusion_layers(
+    tiny_spec, tiny_adapters, deterministic_noise
+):
+    """route_loss and the MoE balance weights mean the same at any depth: the loss is the
+    layers' mean (it was their sum: 2 x on this 2-layer model, 12 x on BERT-base)."""
+    ids = torch.tensor([[101, 2054, 2003, 102], [101, 2054, 102, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    links = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])
+    for mixture, weight in (
+        (MixtureConfig(routed=True, route_loss=2.0, fusion_reg=False), 2.0),
+        (MixtureConfig(kind="moe", top_k=1, importance=1.0, load=0.0), 1.0),
+    ):
+        model, fusion = build_classifier(
+            tiny_spec, TASK, "mop", tiny_adapters, FinetuneConfig(mixture=mixture)
+        )
+        _without_dropout(model)
+        model.train()
+        _, att = model(ids, mask, output_mixture=True, links=links)
+        layers = [torch.from_numpy(att[fusion][n]["output_adapter"]) for n in sorted(att[fusion])]
+        assert len(layers) == 2
+        if mixture.routed:
+            per_layer = [route_loss(p, mask, links) for p in layers]
+        else:
+            per_layer = [cv_squared(p[mask.bool()].sum(0)) for p in layers]
+        expected = weight * torch.stack(per_layer).mean()
+        assert mixture_aux_loss(model).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name", ["softmax", "gumbel-t0.5", "moe-k2", "softmax-routed", "gumbel-routed-prior"]
+)
+def test_gradient_accumulation_and_every_mixture(
+    name, tiny_spec, tiny_adapters, probe_dir, links, deterministic_noise
+):
+    """One batch of 16 against two micro-batches of 8 (a third of the inputs unlinked, all
+    in the first half): the same gradient for every mixture whose losses are linear in the
+    batch, the routing loss included. MoE's balance losses are not, so for MoE grad_accum
+    is part of what a run computes: the checkpoint fingerprint keeps it."""
+    from mop.finetune import batch_loss, execution_keys
+    from mop.fusion import parse_mixture
+    from mop.linking import read_links
+    from mop.models import load_tokenizer
+    from mop.tasks.encode import load_split
+    from mop.training import Runtime, accumulate
+
+    cfg = FinetuneConfig(mixture=parse_mixture(name))
+    split = load_split(probe_dir, "train", "single", tokenizer=load_tokenizer(tiny_spec))
+    routes = read_links(links[0], split.ids, 3)
+    routes[:5] = 0.0
+    split = replace(split, links=routes)
+    model, _ = build_classifier(tiny_spec, TASK, "mop", tiny_adapters, cfg)
+    _without_dropout(model)
+    model.train()
+    rt = Runtime(torch.device("cpu"))
+
+    def grads(grad_accum: int) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        accumulate(
+            np.arange(16),
+            grad_accum,
+            lambda micro, batch: batch_loss(model, model, TASK, split, micro, batch, cfg, rt, 0),
+        )
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole, parts = grads(1), grads(2)
+    assert whole.keys() == parts.keys() and len(whole) > 10
+    close = all(torch.allclose(parts[n], whole[n], rtol=1e-4, atol=1e-6) for n in whole)
+    if cfg.mixture.kind == "moe":
+        assert not close
+        assert "grad_accum" not in execution_keys(cfg)
+    else:
+        assert close
+        assert "grad_accum" in execution_keys(cfg)

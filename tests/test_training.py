@@ -23,6 +23,7 @@ from mop.training import (
     optimizer_step,
     param_groups,
     resolve_device,
+    share,
 )
 
 TASK = get_task("probe")
@@ -89,10 +90,10 @@ def _grads_after(model, split, grad_accum: int) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     model.eval()  # no dropout: both sides see the same function
 
-    def loss_of(micro):
+    def loss_of(micro, whole):
         batch = split.seqs.batch(split.rows(micro), 0)
         logits, _ = model(**batch)
-        return task_loss(TASK, logits, torch.from_numpy(split.labels[micro]))
+        return task_loss(TASK, logits, torch.from_numpy(split.labels[micro])) * share(micro, whole)
 
     loss = accumulate(np.arange(16), grad_accum, loss_of)
     assert loss.ndim == 0 and torch.isfinite(loss)
