@@ -2,9 +2,11 @@
 model could score from shortcuts alone.
 
 - adapter zero-shot: each question (disease d, phenotype p) is scored by the adapter of
-  its partition with that adapter's own pretrained entity head: the logit of p for the
-  input `[CLS] d [SEP] has phenotype [SEP]`. No fine-tuning; one threshold, chosen on
-  dev, turns scores into answers. This is the knowledge ceiling MoP could reach.
+  its partition with that adapter's own pretrained entity head on the input
+  `[CLS] d [SEP] has phenotype [SEP]`: the share of the partition's other entities that
+  p outscores (ties count half). A rank share, not the raw logit, because every partition
+  has its own head with its own scale, and one threshold (chosen on dev) turns scores
+  into answers across all of them. No fine-tuning: the knowledge ceiling MoP could reach.
 - shortcut baselines: answers from the phenotype's or the disease's "yes" rate in the
   probe's training split, the phenotype's number of annotations in the KG, and the
   similarity of the two names under the base encoder; thresholds are chosen on dev.
@@ -37,6 +39,19 @@ def best_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     cuts = np.concatenate([[order[0] - 1], (order[:-1] + order[1:]) / 2, [order[-1] + 1]])
     acc = [((scores > c) == labels).mean() for c in cuts]
     return float(cuts[int(np.argmax(acc))])
+
+
+def rank_share(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Share of each row's other entities that its target outscores, ties counting half:
+    1 for the head's top entity, 0 for its last, whatever the head's scale."""
+    target = scores.gather(1, targets[:, None])
+    if not torch.isfinite(target).all():
+        raise MopError("adapter zero-shot: an entity head gave a non-finite score")
+    if scores.shape[1] == 1:
+        return torch.full((scores.shape[0],), 0.5, dtype=torch.float64)
+    below = (scores < target).sum(1).double()
+    ties = (scores == target).sum(1).double() - 1
+    return (below + 0.5 * ties) / (scores.shape[1] - 1)
 
 
 def _splits(task_dir: str | Path) -> dict[str, pl.DataFrame]:
@@ -108,10 +123,10 @@ def zero_shot(
             target = torch.from_numpy(local[part["phenotype"].to_numpy()].astype(np.int64))
             with evaluating(model):
                 for idx in sequential_batches(len(seqs), 256, seqs.lengths):
-                    with rt.forward_context():
-                        logits = model(**rt.batch(seqs.batch(idx, tokenizer.pad_token_id)))
-                    pick = logits.float().cpu().gather(1, target[torch.from_numpy(idx)][:, None])
-                    scores[s][rows[idx]] = pick[:, 0].numpy()
+                    batch = rt.batch(seqs.batch(idx, tokenizer.pad_token_id))
+                    logits = model.scores(batch, rt).cpu()
+                    share = rank_share(logits, target[torch.from_numpy(idx)])
+                    scores[s][rows[idx]] = share.numpy()
     metrics = {
         "task": "probe",
         "method": "zeroshot",

@@ -4,8 +4,15 @@ base model, with aliases that point at the best run by dev metric.
 With `tracking.log_models: true` (or `mop track sync --log-models`), every finished
 fine-tuning run that saved its weights is exported (`mop export`, into `<run>/export`),
 logged to its MLflow run as a pyfunc model whose artifact is that export, and registered
-as a version of `mop-<task>-<model>`. Aliases: `best` (highest dev metric of the task's
-main metric among the versions) and `best-<method>` (`best-base`, `best-mop-softmax`, ...).
+as a version of `mop-<task>-<model>`. Aliases: `best` and `best-<method>` (`best-base`,
+`best-mop-softmax`, ...), chosen by the dev value of the task's main metric:
+
+- a task with one dev split (all but PubMedQA): the version with the highest dev value;
+- a task whose dev split is a cross-validation fold chosen by the seed (PubMedQA: seed i
+  selects on fold i), where dev values of different folds are not comparable: `best` is
+  in the method with the highest mean dev over its runs, and within a method the run
+  furthest above its fold's mean (over every registered run of that fold);
+  `best-fold<i>` is the highest dev value on fold i.
 `mlflow.pyfunc.load_model("models:/mop-probe-minilm-l6@best")` then predicts a pandas
 DataFrame with the task's input columns (text_a, text_b, candidate, choices).
 """
@@ -14,14 +21,17 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import numpy as np
 
 from mop.io import read_json
 from mop.plan import Run
+from mop.tasks import get_task
 
 MODEL_TAG = "mop.model_version"
 ARTIFACT = "model"
@@ -88,19 +98,60 @@ def log_model(uri: str, run_id: str, run_dir: Path) -> tuple[str, int]:
     return name, version
 
 
-def set_aliases(client: Any, logged: dict[str, list[tuple[int, float, str]]]) -> dict[str, str]:
-    """Point `best` and `best-<method>` of each registered model at the version with the
-    highest dev metric. `logged`: name -> [(version, dev metric, method label)]."""
+@dataclass(frozen=True)
+class Logged:
+    """A registered version and what the alias rule reads of its run."""
+
+    version: int
+    dev: float  # the dev value of the task's main metric
+    method: str  # method label: base, mop-softmax, ...
+    fold: int | None = None  # the dev fold it selected on, where the fold follows the seed
+
+
+def pick_aliases(versions: list[Logged]) -> dict[str, int]:
+    """alias -> version by the rule of the module docstring."""
+
+    def clean(alias: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_-]", "_", alias)
+
+    methods = sorted({v.method for v in versions})
+    if all(v.fold is None for v in versions):
+
+        def merit(v: Logged) -> float:
+            return v.dev
+
+        best_method = max(methods, key=lambda m: max(v.dev for v in versions if v.method == m))
+        aliases: dict[str, int] = {}
+    else:
+        folds = {f: [v.dev for v in versions if v.fold == f] for f in {v.fold for v in versions}}
+
+        def merit(v: Logged) -> float:
+            return v.dev - float(np.mean(folds[v.fold]))
+
+        def mean_dev(m: str) -> float:
+            return float(np.mean([v.dev for v in versions if v.method == m]))
+
+        best_method = max(methods, key=mean_dev)
+        aliases = {
+            clean(f"best-fold{f}"): max(
+                (v for v in versions if v.fold == f), key=lambda v: v.dev
+            ).version
+            for f in sorted(folds)
+        }
+    for m in methods:
+        aliases[clean(f"best-{m}")] = max((v for v in versions if v.method == m), key=merit).version
+    aliases["best"] = aliases[clean(f"best-{best_method}")]
+    return aliases
+
+
+def set_aliases(client: Any, logged: dict[str, list[Logged]]) -> dict[str, str]:
+    """Point the aliases of each registered model (`pick_aliases`) at their versions;
+    return `name@alias` -> version."""
     out = {}
     for name, versions in logged.items():
-        best = max(versions, key=lambda v: v[1])
-        client.set_registered_model_alias(name, "best", str(best[0]))
-        out[f"{name}@best"] = str(best[0])
-        for label in {v[2] for v in versions}:
-            own = max((v for v in versions if v[2] == label), key=lambda v: v[1])
-            alias = re.sub(r"[^A-Za-z0-9_-]", "_", f"best-{label}")
-            client.set_registered_model_alias(name, alias, str(own[0]))
-            out[f"{name}@{alias}"] = str(own[0])
+        for alias, version in pick_aliases(versions).items():
+            client.set_registered_model_alias(name, alias, str(version))
+            out[f"{name}@{alias}"] = str(version)
     return out
 
 
@@ -118,7 +169,7 @@ def sync_models(results_dir: Path, uri: str) -> int:
     from mop.tracking import KEY_TAG, RUN_FILE, store_lock
 
     client = MlflowClient(tracking_uri=uri)
-    logged: dict[str, list[tuple[int, float, str]]] = {}
+    logged: dict[str, list[Logged]] = {}
     for model in sorted(results_dir.rglob("finetune/**/model.json")):
         run_dir = model.parent
         if not (run_dir / RUN_FILE).is_file() or not exportable(read_json(model)["method"]):
@@ -138,8 +189,11 @@ def sync_models(results_dir: Path, uri: str) -> int:
                 name, number = log_model(uri, run.info.run_id, run_dir)
             else:
                 name, number = registered_name(Run.parse(run_dir)), int(version)
-        label = method_label(Run.parse(run_dir))
-        logged.setdefault(name, []).append((number, dev_score(run_dir), label))
+        parsed = Run.parse(run_dir)
+        fold = parsed.seed if get_task(parsed.task).folds else None
+        logged.setdefault(name, []).append(
+            Logged(number, dev_score(run_dir), method_label(parsed), fold)
+        )
     with store_lock(uri):
         set_aliases(client, logged)
     return sum(len(v) for v in logged.values())

@@ -93,3 +93,76 @@ def test_controls_zero_shot_and_shortcut_baselines(
         "phenotype annotations in the KG",
         "name similarity (base encoder)",
     }
+
+
+def test_every_question_is_asked_once_per_split(small_kg, small_partition):
+    """Swaps of different pairs can name the same negative; the probe must not take it twice
+    (ids are joined on and a repeated question would count twice)."""
+    repeated = 0
+    for seed in range(8):
+        for frame in build_probe(small_kg, small_partition, seed=seed).values():
+            repeated += frame.height - frame.select("disease", "phenotype").n_unique()
+            assert frame["id"].n_unique() == frame.height
+    assert repeated == 0
+
+
+def test_probe_splits_go_through_the_shared_id_check(small_kg, small_partition, tmp_path):
+    import json
+
+    import pytest
+
+    from mop.errors import MopError
+    from mop.tasks import SPLITS, write_splits
+    from mop.tasks.probe import SPEC, prepare
+
+    summary = prepare(small_kg, small_partition, tmp_path, seed=0)
+    written = {s: pl.read_parquet(tmp_path / f"{s}.parquet") for s in SPLITS}
+    assert summary["examples"] == {s: f.height for s, f in written.items()}
+    assert json.loads((tmp_path / "summary.json").read_text())["task"] == "probe"
+    twice = {**written, "dev": pl.concat([written["dev"], written["dev"].head(1)])}
+    with pytest.raises(MopError, match=r"probe dev: id 'dev-\d+-\d+' occurs more than once"):
+        write_splits(twice, SPEC, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
+def test_rank_share_is_the_share_of_other_entities_outscored():
+    import torch
+
+    from mop.probe_controls import rank_share
+
+    scores = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0], [5.0, 5.0, 5.0, 5.0, 5.0]])
+    share = rank_share(scores, torch.tensor([2, 4]))
+    # row 0: entity 2 beats 1 and 4, ties with 3 (half): 2.5 of the 4 others
+    assert share.tolist() == [2.5 / 4, 0.5]
+    assert rank_share(scores, torch.tensor([0, 0]))[0] == 1.0
+
+
+def test_zero_shot_does_not_depend_on_each_heads_scale(
+    small_kg, small_partition, tiny_spec, tiny_adapters, tmp_path
+):
+    """Each partition's head has its own scale and one threshold serves all of them:
+    rescaling one head (weights x 40, bias + 25) must leave every score unchanged."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mop.probe_controls import zero_shot
+    from mop.tasks.probe import prepare
+
+    task = tmp_path / "probe"
+    prepare(small_kg, small_partition, task, seed=0)
+    runs = [d.parent for d in tiny_adapters]
+    scaled = tmp_path / "scaled"
+    shutil.copytree(runs[1], scaled)
+    head = load_file(str(scaled / "head.safetensors"))
+    save_file(
+        {"weight": head["weight"] * 40, "bias": head["bias"] * 40 + 25}, scaled / "head.safetensors"
+    )
+    a = zero_shot(tiny_spec, task, small_kg, small_partition, runs, tmp_path / "a")
+    b = zero_shot(
+        tiny_spec, task, small_kg, small_partition, [runs[0], scaled, runs[2]], tmp_path / "b"
+    )
+    pa = pl.read_parquet(tmp_path / "a" / "predictions.parquet")
+    pb = pl.read_parquet(tmp_path / "b" / "predictions.parquet")
+    assert pa["score"].is_between(0, 1).all()
+    assert pa["score"].equals(pb["score"]) and a == b

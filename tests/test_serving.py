@@ -90,3 +90,25 @@ def test_registered_models_load_by_alias_and_predict_the_same(
     probs = model.predict(test.select("text_a", "text_b").to_pandas())
     expected = pl.read_parquet(folder / "predictions.parquet").filter(pl.col("split") == "test")
     np.testing.assert_allclose(probs, np.array(expected["prob"].to_list()), atol=1e-6)
+
+
+def test_aliases_compare_pubmedqa_runs_only_within_their_fold():
+    """Seed i of PubMedQA trains and selects on fold i: dev values of different folds are
+    not comparable, so `best` must not just be the easiest fold's run."""
+    from mop.serving import Logged, pick_aliases
+
+    versions = [
+        Logged(1, 0.90, "base", fold=0),
+        Logged(2, 0.60, "base", fold=1),
+        Logged(3, 0.95, "mop-softmax", fold=0),  # the highest dev value: an easy fold
+        Logged(4, 0.50, "mop-softmax", fold=1),
+    ]
+    aliases = pick_aliases(versions)
+    # base has the better mean over folds (0.75 vs 0.725); its fold-1 run is 0.05 above
+    # fold 1's mean, its fold-0 run 0.025 below fold 0's
+    assert aliases["best"] == aliases["best-base"] == 2
+    assert aliases["best-mop-softmax"] == 3  # +0.025 on fold 0 beats -0.05 on fold 1
+    assert aliases["best-fold0"] == 3 and aliases["best-fold1"] == 2
+    # one shared dev split: the highest dev value, as before
+    same = [Logged(v.version, v.dev, v.method) for v in versions]
+    assert pick_aliases(same) == {"best-base": 1, "best-mop-softmax": 3, "best": 3}

@@ -201,6 +201,14 @@ def split_frame(rows: list[dict[str, Any]], spec: TaskSpec, where: str) -> pl.Da
     )
 
 
+def check_ids(frame: pl.DataFrame, where: str) -> None:
+    """Every example of a split has its own id: predictions, joins and error analyses key on it."""
+    ids = frame["id"]
+    if ids.n_unique() != ids.len():
+        dup = ids.filter(ids.is_duplicated())[0]
+        raise MopError(f"{where}: id {dup!r} occurs more than once")
+
+
 def write_splits(
     splits: dict[str, pl.DataFrame], spec: TaskSpec, out_dir: str | Path, **extra: Any
 ) -> dict[str, Any]:
@@ -208,10 +216,7 @@ def write_splits(
     out = Path(out_dir)
     summary: dict[str, Any] = {"task": spec.name, "kind": spec.kind, "examples": {}, "labels": {}}
     for split, frame in splits.items():
-        ids = frame["id"]
-        if ids.n_unique() != ids.len():
-            dup = ids.filter(ids.is_duplicated())[0]
-            raise MopError(f"{spec.name} {split}: id {dup!r} occurs more than once")
+        check_ids(frame, f"{spec.name} {split}")
         summary["examples"][split] = frame.height
         if spec.kind == "multi":
             counts = np.asarray(frame["label"].to_list()).sum(0).tolist()

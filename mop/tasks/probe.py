@@ -13,6 +13,9 @@ partition adapters reaches a downstream task.
   negatives (d1, p2) and (d2, p1) (checked not to be facts). Every disease and phenotype
   is then asked about once with "yes" and once with "no", so priors on names, frequencies
   or partitions score exactly 0.5.
+- Every (disease, phenotype) question is asked once per split: a swap whose negative was
+  already asked is not taken, so ids (`<split>-<disease>-<phenotype>`) are unique by
+  construction (and checked like every task's).
 """
 
 from __future__ import annotations
@@ -23,10 +26,9 @@ import numpy as np
 import polars as pl
 
 from mop.errors import MopError
-from mop.io import write_json, write_parquet
 from mop.kg import read_kg, read_table
 from mop.partition import MEMBERSHIP_SCHEMA
-from mop.tasks import SPLITS, TaskSpec, accuracy
+from mop.tasks import SPLITS, TaskSpec, accuracy, write_splits
 
 SPEC = TaskSpec(name="probe", labels=("no", "yes"), metric=accuracy, main_metric="accuracy")
 DEFAULT_TEMPLATE = "Is {tail} a feature of {head}?"
@@ -35,10 +37,14 @@ DEFAULT_TEMPLATE = "Is {tail} a feature of {head}?"
 def _pair_up(
     pos: list[tuple[int, int]],
     facts: set[tuple[int, int]],
+    asked: set[tuple[int, int]],
     rng: np.random.Generator,
     window: int = 64,
 ) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    """Greedy swapped-pair matching of positives; unmatched positives are dropped."""
+    """Greedy swapped-pair matching of positives; unmatched positives are dropped.
+
+    `asked` holds the negatives already taken, in this partition or an earlier one of
+    the split, so that no question is asked twice."""
     order = rng.permutation(len(pos))
     pending: list[tuple[int, int]] = []
     pairs = []
@@ -46,8 +52,10 @@ def _pair_up(
         d1, p1 = pos[i]
         for j in range(len(pending) - 1, max(-1, len(pending) - 1 - window), -1):
             d2, p2 = pending[j]
-            if d1 != d2 and p1 != p2 and (d1, p2) not in facts and (d2, p1) not in facts:
+            swaps = ((d1, p2), (d2, p1))
+            if d1 != d2 and p1 != p2 and not any(q in facts or q in asked for q in swaps):
                 pairs.append(((d1, p1), (d2, p2)))
+                asked.update(swaps)
                 pending.pop(j)
                 break
         else:
@@ -92,13 +100,16 @@ def build_probe(
     out: dict[str, pl.DataFrame] = {}
     for split in SPLITS:
         rows = []
+        asked: set[tuple[int, int]] = set()
         for p in np.unique(part):
-            pos = [
-                (int(h), int(t))
-                for h, t in zip(heads[inside], tails[inside], strict=True)
-                if part[h] == p and split_of[int(h)] == split
-            ]
-            for (d1, p1), (d2, p2) in _pair_up(pos, facts, rng):
+            pos = sorted(
+                {
+                    (int(h), int(t))
+                    for h, t in zip(heads[inside], tails[inside], strict=True)
+                    if part[h] == p and split_of[int(h)] == split
+                }
+            )
+            for (d1, p1), (d2, p2) in _pair_up(pos, facts, asked, rng):
                 pair = len(rows) // 4
                 for d, ph, label in ((d1, p1, 1), (d2, p2, 1), (d1, p2, 0), (d2, p1, 0)):
                     rows.append((pair, int(p), d, ph, label))
@@ -155,14 +166,12 @@ def build_probe(
 def prepare(kg_dir: str | Path, partition_dir: str | Path, out_dir: str | Path, **kwargs) -> dict:
     """Write the probe's splits and a summary; return the summary."""
     splits = build_probe(kg_dir, partition_dir, **kwargs)
-    summary = {
-        "kg": str(kg_dir),
-        "partition": str(partition_dir),
-        "questions": {s: f.height for s, f in splits.items()},
-        "diseases": {s: f["disease"].n_unique() for s, f in splits.items()},
-        "yes_share": {s: float(f["label"].mean()) for s, f in splits.items()},
-    }
-    for split, frame in splits.items():
-        write_parquet(frame, Path(out_dir) / f"{split}.parquet")
-    write_json(summary, Path(out_dir) / "summary.json")
-    return summary
+    return write_splits(
+        splits,
+        SPEC,
+        out_dir,
+        kg=str(kg_dir),
+        partition=str(partition_dir),
+        diseases={s: f["disease"].n_unique() for s, f in splits.items()},
+        yes_share={s: float(f["label"].mean()) for s, f in splits.items()},
+    )

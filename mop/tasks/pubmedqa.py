@@ -33,7 +33,14 @@ from typing import Any
 
 from mop.errors import MopError
 from mop.io import atomic_dir, write_json, write_parquet
-from mop.tasks import SPLITS, TaskSpec, accuracy_and_macro_f1, lookup_label, split_frame
+from mop.tasks import (
+    SPLITS,
+    TaskSpec,
+    accuracy_and_macro_f1,
+    check_ids,
+    lookup_label,
+    split_frame,
+)
 
 FOLDS = 10
 LABELS = ("yes", "no", "maybe")
@@ -165,6 +172,7 @@ def prepare(options: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     out = Path(out_dir)
     test_frame = split_frame(to_rows(test, "test_set"), SPEC, "test_set")
     summary: dict[str, Any] = {"task": SPEC.name, "kind": SPEC.kind, "source": origin, "folds": []}
+    folds = []
     for i, (train, dev) in enumerate(cv):
         overlap = (set(train) | set(dev)) & set(test)
         if overlap or set(train) & set(dev):
@@ -174,6 +182,10 @@ def prepare(options: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
             "dev": split_frame(to_rows(dev, f"fold {i} dev"), SPEC, f"fold {i} dev"),
             "test": test_frame,
         }
+        for s in SPLITS:
+            check_ids(frames[s], f"pubmedqa fold {i} {s}")
+        folds.append(frames)
+    for i, frames in enumerate(folds):  # every fold checked before any is written
         for s in SPLITS:
             write_parquet(frames[s], out / f"fold{i}" / f"{s}.parquet")
         summary["folds"].append({s: frames[s].height for s in SPLITS})
