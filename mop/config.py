@@ -230,6 +230,7 @@ def preflight(config: dict[str, Any], missing_ok: bool = False) -> list[str]:
         if probe["kg"] not in config["kgs"]:
             raise MopError(f"config key tasks.probe.kg: unknown KG {probe['kg']!r}")
         ks.add(probe["k"])
+        ks.update(probe["inside_at"])
     missing += check_tasks(config)
     if missing and not missing_ok:
         raise MopError("\n".join(missing))

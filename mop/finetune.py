@@ -45,6 +45,7 @@ from mop.io import atomic_path, write_json, write_parquet
 from mop.linking import read_links
 from mop.log import log
 from mop.models import ModelSpec, load_base_model, load_tokenizer
+from mop.partition import fact_partitions, read_membership
 from mop.tasks import SPLITS, TaskSpec
 from mop.tasks.encode import EncodedSplit, load_split
 from mop.tracking import Tracker
@@ -388,14 +389,20 @@ def routing_diagnostics(
 ) -> dict[str, float]:
     """How the mixture routes: the mean entropy (nats) of each input's weights and, where
     known, the share of inputs whose largest weight falls on the linked partition (of
-    linked inputs) or on the true one (the KG probe's `partition` column)."""
+    linked inputs) or on the true one (the KG probe: the partition of the run's own
+    partitioning that holds the question's fact, over the facts it did not cut, with the
+    share of those in `facts_inside`)."""
     w = mean_mix.reshape(len(split), split.choices, -1).mean(1)
     out = {"mixture_entropy": float(-(w * np.log(np.clip(w, 1e-12, None))).sum(1).mean())}
     top = w.argmax(1)
     if links is not None and (linked := links.sum(1) > 0).any():
         out["routing_linked"] = float((top[linked] == links[linked].argmax(1)).mean())
     if "partition" in split.frame.columns:
-        out["routing_true"] = float((top == split.frame["partition"].to_numpy()).mean())
+        true = split.frame["partition"].to_numpy()
+        inside = true >= 0  # facts the run's partitioning cut have no true partition
+        out["facts_inside"] = float(inside.mean())
+        if inside.any():
+            out["routing_true"] = float((top[inside] == true[inside]).mean())
     return out
 
 
@@ -487,7 +494,9 @@ def with_candidates(
 def with_routes(
     data: dict[str, EncodedSplit], task_dir: str | Path, adapters_given: int
 ) -> dict[str, EncodedSplit]:
-    """The oracle routes each example to the adapter of its `partition` column."""
+    """The oracle routes each example to the adapter of its `partition` column: the one
+    trained on the question's fact; where the partitioning cut the fact (-1), to the
+    adapter of its head entity (`head_partition`), the one that knows the head's facts."""
     out = {}
     for s, split in data.items():
         if "partition" not in split.frame.columns:
@@ -496,12 +505,36 @@ def with_routes(
                 "column (only the KG probe has one)"
             )
         route = split.frame["partition"].to_numpy()
-        if route.max() >= adapters_given:
+        if "head_partition" in split.frame.columns:
+            route = np.where(route >= 0, route, split.frame["head_partition"].to_numpy())
+        if route.min() < 0 or route.max() >= adapters_given:
             raise MopError(
-                f"{Path(task_dir) / f'{s}.parquet'}: partition {route.max()} but only "
-                f"{adapters_given} adapters given"
+                f"{Path(task_dir) / f'{s}.parquet'}: partitions {route.min()}..{route.max()} "
+                f"but {adapters_given} adapters given"
             )
         out[s] = replace(split, route=route)
+    return out
+
+
+def with_fact_partitions(
+    task: TaskSpec, data: dict[str, EncodedSplit], partition_dir: str | Path
+) -> dict[str, EncodedSplit]:
+    """Replace a KG probe's `partition` column (its facts' partitions where the probe was
+    built) by the partitions of the run's own partitioning (-1 where it cut the fact),
+    and add its head entity's partition: a run at another K is routed and judged by the
+    partitions its adapters were trained on."""
+    if not task.facts:
+        return data
+    membership = read_membership(partition_dir)
+    head, tail = task.facts
+    out = {}
+    for s, split in data.items():
+        heads, tails = split.frame[head].to_numpy(), split.frame[tail].to_numpy()
+        frame = split.frame.with_columns(
+            partition=pl.Series(fact_partitions(heads, tails, membership)),
+            head_partition=pl.Series(membership[heads].astype(np.int32)),
+        )
+        out[s] = replace(split, frame=frame)
     return out
 
 
@@ -516,9 +549,11 @@ def load_data(
     encoded_dir: str | Path | None = None,
     runtime: Runtime | None = None,
     links: str | Path | None = None,
+    partition_dir: str | Path | None = None,
 ) -> dict[str, EncodedSplit]:
     """The three splits with their tokens, labels checked, plus routes (oracle) and linked
-    partitions (`mop link`'s links.parquet, for routed mixtures) where the run uses them."""
+    partitions (`mop link`'s links.parquet, for routed mixtures) where the run uses them;
+    `partition_dir`: the run's partitioning, for tasks that know their facts (KG probe)."""
     data = {}
     for s in SPLITS:
         data[s] = load_split(
@@ -530,6 +565,8 @@ def load_data(
             max_length=cfg.max_length,
         )
         check_labels(task, data[s], Path(task_dir) / f"{s}.parquet")
+    if partition_dir is not None:
+        data = with_fact_partitions(task, data, partition_dir)
     if method == "oracle":
         data = with_routes(data, task_dir, adapters_given)
     if links is not None:
@@ -574,11 +611,13 @@ def finetune(
     runtime: Runtime | None = None,
     encoded_dir: str | Path | None = None,
     links: str | Path | None = None,
+    partition_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train on train, select on dev, report test; write every output of the run.
 
     links: `mop link`'s links.parquet for this task and partitioning; routed mixtures
-    need it (and other runs ignore it)."""
+    need it (and other runs ignore it). partition_dir: the partitioning the adapters were
+    trained on, for a task that knows its facts (the KG probe's oracle and diagnostics)."""
     out = Path(out_dir)
     rt = runtime or Runtime.create("cpu")
     seed_all(cfg.seed)
@@ -598,6 +637,7 @@ def finetune(
         encoded_dir,
         rt,
         links if routed else None,
+        partition_dir if adapter_dirs else None,
     )
     centre = None
     if cfg.head == "bilinear":

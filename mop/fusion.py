@@ -81,7 +81,8 @@ class MixtureConfig:
 
 def parse_mixture(name: str, defaults: MixtureConfig | None = None) -> MixtureConfig:
     """A mixture from its name: `softmax`, `gumbel`, `gumbel-t0.5` (tau), `moe`, `moe-k3`,
-    each optionally followed by `-routed` and / or `-prior` (the grammar: mop.plan.MIXTURE).
+    each optionally followed by `-routed` (`-routed-w6`: routing loss weight 6, else
+    `route_loss`) and / or `-prior` (the grammar: mop.plan.MIXTURE).
 
     The name carries what varies in the paper's Table 6 and the routing switches;
     everything else comes from `defaults`.
@@ -97,6 +98,8 @@ def parse_mixture(name: str, defaults: MixtureConfig | None = None) -> MixtureCo
             out = replace(out, tau=float(part[1:]))
         elif kind == "moe" and part.startswith("k"):
             out = replace(out, top_k=int(part[1:]))
+        elif part.startswith("w"):  # -routed-w<weight>: the routing loss weight
+            out = replace(out, route_loss=float(part[1:]))
     return out
 
 

@@ -30,7 +30,7 @@ import polars as pl
 from mop.errors import MopError
 from mop.io import write_json, write_parquet
 from mop.kg import ENTITY_SCHEMA, read_table
-from mop.partition import MEMBERSHIP_SCHEMA
+from mop.partition import MEMBERSHIP_SCHEMA, fact_partitions
 
 # The split columns that hold text an input is about: the texts, the KG probe's candidate,
 # and a choice task's options and their retrieved contexts (lists).
@@ -151,9 +151,13 @@ def link_frame(
     )
 
 
-def coverage(links: pl.DataFrame, frame: pl.DataFrame) -> dict[str, Any]:
-    """Share of inputs with a link, entities and mentions per input; on the KG probe also
-    how often the linked distribution's largest weight is the question's own partition."""
+def coverage(
+    links: pl.DataFrame, frame: pl.DataFrame, true: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Share of inputs with a link, entities and mentions per input; where the true
+    partitions are known (the KG probe: the partition of this partitioning holding each
+    question's fact, -1 where it cut the fact) also how often the linked distribution's
+    largest weight is the true one, over the linked inputs whose fact is inside."""
     n = links.height
     spans = links["spans"].to_list()
     entities = [len({m["entity"] for m in row}) for row in spans]
@@ -165,11 +169,11 @@ def coverage(links: pl.DataFrame, frame: pl.DataFrame) -> dict[str, Any]:
         "entities_per_input": float(np.mean(entities)) if n else 0.0,
         "mentions_per_input": float(np.mean(mentions)) if n else 0.0,
     }
-    if "partition" in frame.columns and n:
+    if true is not None and n:
         route = links["route"].to_numpy()
-        linked = links["linked"].to_numpy()
-        hit = route.argmax(1) == frame["partition"].to_numpy()
-        out["top_is_true_partition"] = float(hit[linked].mean()) if linked.any() else 0.0
+        judged = links["linked"].to_numpy() & (true >= 0)
+        hit = route.argmax(1) == true
+        out["top_is_true_partition"] = float(hit[judged].mean()) if judged.any() else 0.0
     return out
 
 
@@ -216,9 +220,11 @@ def run_link(
     partition_dir: str | Path,
     out_dir: str | Path,
     min_chars: int = 3,
+    facts: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Link every split of a task against a KG's partitions; write links.parquet (one row
-    per distinct example id) and coverage.json (per split file)."""
+    per distinct example id) and coverage.json (per split file). `facts`: the task's
+    (head, tail) entity columns, where it has them (`TaskSpec.facts`)."""
     table = entity_partitions(kg_dir, partition_dir)
     partition = table["partition"].to_numpy()
     k = int(partition.max()) + 1
@@ -228,7 +234,11 @@ def run_link(
         frame = read_table(path)
         links = link_frame(frame, linker, partition, k)
         name = str(path.relative_to(task_dir).with_suffix(""))
-        report[name] = coverage(links, frame)
+        true = None
+        if facts:
+            heads, tails = (frame[c].to_numpy() for c in facts)
+            true = fact_partitions(heads, tails, partition)
+        report[name] = coverage(links, frame, true)
         frames.append(links)
     links = pl.concat(frames).unique("id", keep="first", maintain_order=True)
     summary = {

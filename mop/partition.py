@@ -43,6 +43,19 @@ ISOLATED_PLACEMENT = (
 MEMBERSHIP_SCHEMA = {"entity": pl.Int32, "partition": pl.Int32, "local": pl.Int32}
 
 
+def read_membership(partition_dir: str | Path) -> np.ndarray:
+    """Each entity's partition, indexed by entity id."""
+    table = read_table(Path(partition_dir) / "membership.parquet", MEMBERSHIP_SCHEMA)
+    return table.sort("entity")["partition"].to_numpy()
+
+
+def fact_partitions(heads: np.ndarray, tails: np.ndarray, membership: np.ndarray) -> np.ndarray:
+    """The partition holding each fact (head, tail): the one both ends belong to, -1 where
+    the partitioning cut the fact (its ends lie in two partitions, no adapter saw it)."""
+    ph, pt = membership[heads], membership[tails]
+    return np.where(ph == pt, ph, -1).astype(np.int32)
+
+
 def entity_graph(triples: pl.DataFrame, num_entities: int, weighted: bool = False) -> sp.csr_array:
     """Symmetric CSR adjacency of the entity graph, sorted indices, no duplicates.
 

@@ -25,7 +25,8 @@ from mop.errors import MopError
 
 NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 TASKS = ("probe", "hoc", "pubmedqa", "bioasq7b", "bioasq8b", "mednli", "medqa")
-MIXTURE = r"(softmax|gumbel(-t[0-9]*\.?[0-9]+)?|moe(-k[0-9]+)?)(-routed)?(-prior)?"
+_NUMBER = r"[0-9]*\.?[0-9]+"
+MIXTURE = rf"(softmax|gumbel(-t{_NUMBER})?|moe(-k[0-9]+)?)(-routed(-w{_NUMBER})?)?(-prior)?"
 SCHEME = r"metis|shuffle[0-9.]+"
 
 # What each field of a path may hold: Snakemake's wildcard constraints and the parser's.
@@ -215,14 +216,14 @@ def mixture_of(name: str) -> str:
     if not re.fullmatch(MIXTURE, name):
         raise MopError(
             f"mixture {name!r} is not softmax, gumbel[-t<tau>] or moe[-k<top k>], "
-            "optionally followed by -routed and / or -prior"
+            "optionally followed by -routed[-w<weight>] and / or -prior"
         )
     return name
 
 
 def routed(mixture: str | None) -> bool:
     """Whether runs of this mixture read the task's links (`-routed`, `-prior`)."""
-    return bool(mixture) and bool(re.search(r"-(routed|prior)$", mixture))
+    return bool(mixture) and bool(re.search(rf"-(routed(-w{_NUMBER})?|prior)$", mixture))
 
 
 # Keys of `finetune` (and `tasks.<task>.finetune`) that one fine-tuning run reads, by method.
@@ -258,7 +259,8 @@ def mixture_keys(mixture: str) -> list[str]:
     """The `finetune` keys one mixture reads: a softmax run does not read the MoE keys."""
     mixture_of(mixture)
     parts = {"all", *mixture.split("-")}
-    return [k for part, keys in MIXTURE_KEYS.items() if part in parts for k in keys]
+    own = {"route_loss"} if any(p.startswith("w") for p in parts) else set()  # -w<weight>
+    return [k for part, keys in MIXTURE_KEYS.items() if part in parts for k in keys if k not in own]
 
 
 class Plan:
@@ -467,10 +469,25 @@ class Plan:
         ]
 
     def partition_experiment_runs(self) -> list[Run]:
-        """MoP for every K with METIS (Table 4) and every scheme at finetune.k (Figure 3)."""
+        """MoP for every K with METIS (Table 4, with the KG probe's oracle per K) and every
+        scheme at finetune.k (Figure 3)."""
         if not self.ft["partition_experiments"]:
             return []
-        return self.mop_runs(ks=self.ks()) + self.mop_runs(schemes=self.schemes())
+        runs = self.mop_runs(ks=self.ks()) + self.mop_runs(schemes=self.schemes())
+        return runs + self.oracle_runs(self.ks())
+
+    def oracle_runs(self, ks: list[int]) -> list[Run]:
+        """The KG probe's oracle adapter (each question through the adapter trained on its
+        fact) on the probe's KG at each K."""
+        probe = self.config["tasks"].get("probe")
+        if "probe" not in self.ft["tasks"] or probe is None or "oracle" not in self.ft["methods"]:
+            return []
+        return [
+            Run("oracle", task="probe", model=model, seed=s, kg=probe["kg"], k=k, scheme="metis")
+            for model in self.config["base_models"]
+            for k in ks
+            for s in self.seeds("probe")
+        ]
 
     def probe_control_runs(self) -> list[Run]:
         """The KG probe's controls on its own KG and partitioning: the oracle adapter
@@ -478,16 +495,13 @@ class Plan:
         probe = self.config["tasks"].get("probe")
         if "probe" not in self.ft["tasks"] or probe is None:
             return []
-        out = []
-        where = {"kg": probe["kg"], "k": probe["k"], "scheme": "metis"}
-        for model in self.config["base_models"]:
-            if "oracle" in self.ft["methods"]:
-                out += [
-                    Run("oracle", task="probe", model=model, seed=s, **where)
-                    for s in self.seeds("probe")
-                ]
-            if probe.get("controls"):
-                out.append(Run("zeroshot", task="probe", model=model, seed=0, **where))
+        out = self.oracle_runs([probe["k"]])
+        if probe.get("controls"):
+            where = {"kg": probe["kg"], "k": probe["k"], "scheme": "metis"}
+            out += [
+                Run("zeroshot", task="probe", model=model, seed=0, **where)
+                for model in self.config["base_models"]
+            ]
         return out
 
     def finetune_runs(self) -> list[Run]:

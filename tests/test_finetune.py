@@ -566,3 +566,34 @@ def test_eval_train_false_skips_the_training_split_pass(tiny_spec, probe_dir, tm
     assert "train_accuracy" not in m and "dev_accuracy" in m and "test_accuracy" in m
     splits = pl.read_parquet(tmp_path / "predictions.parquet")["split"].unique().sort()
     assert splits.to_list() == ["dev", "test"]
+
+
+def test_a_run_at_another_k_is_routed_and_judged_by_its_own_partitions(
+    tiny_spec, small_kg, probe_dir, tmp_path
+):
+    """The probe is built on one partitioning; an oracle or MoP run on another (a K sweep)
+    must route and score against the partitions its adapters were trained on."""
+    from mop.finetune import load_data, routing_diagnostics
+    from mop.models import load_tokenizer
+    from mop.partition import read_membership, run_partition
+
+    other = tmp_path / "partition"
+    run_partition(small_kg, other, 3, seed=7)
+    member = read_membership(other)
+    cfg = FinetuneConfig(max_length=32)
+    tok = load_tokenizer(tiny_spec)
+    data = load_data(tiny_spec, TASK, probe_dir, "oracle", 3, cfg, tok, partition_dir=other)
+    test = data["test"]
+    disease, phenotype = (test.frame[c].to_numpy() for c in ("disease", "phenotype"))
+    inside = member[disease] == member[phenotype]
+    assert 0 < inside.mean() < 1  # the other partitioning cut some of the probe's facts
+    assert (test.route[inside] == member[disease][inside]).all()
+    assert (test.route[~inside] == member[disease][~inside]).all()  # the disease's adapter
+    assert (test.frame["partition"].to_numpy()[~inside] == -1).all()
+    own = load_data(tiny_spec, TASK, probe_dir, "oracle", 3, cfg, tok)["test"]
+    assert not np.array_equal(own.route, test.route)  # the probe's own partitions differ
+    # a mixture that always weighs the true partition of the run's K routes 100%
+    weights = np.eye(3)[np.where(inside, member[disease], 0)]
+    diag = routing_diagnostics(test, weights, None)
+    assert diag["routing_true"] == 1.0
+    assert diag["facts_inside"] == pytest.approx(inside.mean())

@@ -167,7 +167,21 @@ def test_mixture_names_say_which_settings_a_run_reads():
     m = parse_mixture("moe-k3-routed-prior")
     assert (m.kind, m.top_k, m.routed, m.prior, m.needs_links) == ("moe", 3, True, True, True)
     assert not parse_mixture("softmax").needs_links
-    for bad in ("softmax-prior-routed", "routed", "softmax-route"):
+    # -routed-w<weight>: the run's own routing loss weight, so it does not read route_loss
+    from mop.plan import routed
+
+    m = parse_mixture("moe-k1-routed-w6")
+    assert (m.top_k, m.routed, m.route_loss) == (1, True, 6.0)
+    assert mixture_keys("softmax-routed-w0.5-prior") == ["fusion_reg", "route_prior"]
+    assert routed("softmax-routed-w6") and routed("softmax-routed-w6-prior")
+    assert Run.parse("results/finetune/probe/m/mop-softmax-routed-w6/kg/k4-metis/seed0").mixture
+    for bad in (
+        "softmax-prior-routed",
+        "routed",
+        "softmax-route",
+        "softmax-w6",
+        "softmax-routed-w",
+    ):
         with pytest.raises(MopError):
             parse_mixture(bad)
         with pytest.raises(MopError):

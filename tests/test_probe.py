@@ -166,3 +166,24 @@ def test_zero_shot_does_not_depend_on_each_heads_scale(
     pb = pl.read_parquet(tmp_path / "b" / "predictions.parquet")
     assert pa["score"].is_between(0, 1).all()
     assert pa["score"].equals(pb["score"]) and a == b
+
+
+def test_inside_at_keeps_only_facts_inside_every_partitioning(small_kg, small_partition, tmp_path):
+    from mop.partition import read_membership, run_partition
+
+    other = tmp_path / "k5"
+    run_partition(small_kg, other, 5, seed=2)
+    member = read_membership(other)
+    plain = build_probe(small_kg, small_partition, seed=0)
+    both = build_probe(small_kg, small_partition, seed=0, inside_at=[other])
+    positives = {s: f.filter(pl.col("label") == 1) for s, f in plain.items()}
+    cut = sum(
+        int((member[f["disease"].to_numpy()] != member[f["phenotype"].to_numpy()]).sum())
+        for f in positives.values()
+    )
+    assert cut > 0  # without it, K = 5 cuts some of the probe's facts
+    for frame in both.values():
+        yes = frame.filter(pl.col("label") == 1)
+        d, p = yes["disease"].to_numpy(), yes["phenotype"].to_numpy()
+        assert (member[d] == member[p]).all()
+        assert frame["label"].mean() == 0.5

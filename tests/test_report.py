@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -123,3 +125,37 @@ def test_findings_state_each_comparison_plainly(runs):
     ) in md
     assert "+ MoP (g, gumbel-t0.5): 52.00 vs 52.00 for the base model (+0.00 points" in md
     assert "no significant difference." in md
+
+
+def test_table4_gives_each_k_its_oracle_and_routing_against_its_own_partitions(tmp_path):
+    """A K sweep separates the mixture failing to route from facts a finer K cut: per K
+    the oracle at that K, the share of facts inside, routing and entropy against ln K."""
+    files = []
+    for seed, (b, m4, m20, o4, o20) in enumerate(
+        [(0.50, 0.60, 0.52, 0.70, 0.66), (0.52, 0.62, 0.54, 0.72, 0.68)]
+    ):
+        files.append(_run(tmp_path, b, "base", seed=seed))
+        for k, m, o, inside, routing, entropy in (
+            (4, m4, o4, 1.0, 0.9, 1.2),
+            (20, m20, o20, 0.6, 0.25, 2.9),
+        ):
+            where = {"kg": "g", "k": k, "scheme": "metis", "seed": seed}
+            path = _run(tmp_path, m, "mop", mixture="softmax", **where)
+            metrics = json.loads(path.read_text())
+            metrics |= {
+                "test_routing_true": routing,
+                "test_facts_inside": inside,
+                "test_mixture_entropy": entropy,
+            }
+            write_json(metrics, path)
+            files.append(path)
+            files.append(_run(tmp_path, o, "oracle", **where))
+    runs = load_runs(files)
+    t4 = table_k(runs, [])
+    assert t4.header[-4:] == ["Oracle (probe)", "Facts inside (%)", "Routing (%)", "Entropy (ln K)"]
+    k4, k20 = t4.rows
+    assert k4[1] == "4" and k20[1] == "20"
+    assert k4[2].mean == pytest.approx(61.0) and k4[2].base.mean() == pytest.approx(51.0)
+    assert k4[3].mean == pytest.approx(71.0) and k20[3].mean == pytest.approx(67.0)
+    assert k20[4:] == ["60.0", "25.0", "2.90 (3.00)"]
+    assert k4[4:] == ["100.0", "90.0", "1.20 (1.39)"]

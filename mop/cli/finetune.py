@@ -69,6 +69,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         runtime=runtime(args),
         encoded_dir=args.encoded,
         links=args.links,
+        partition_dir=args.partition,
     )
     # The data it read (checked by the run itself first), as MLflow datasets.
     for split in ("train", "dev", "test"):
@@ -127,6 +128,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoded", help="its tokens from `mop encode` (default: tokenize here)")
     p.add_argument("--adapters", nargs="*", help="adapter folders (adapter, mop, oracle)")
     p.add_argument("--links", help="links.parquet from `mop link` (routed mixtures)")
+    p.add_argument(
+        "--partition",
+        help="the partition folder the adapters were trained on (KG probe: oracle routes and "
+        "routing diagnostics at the run's K)",
+    )
     add_model(p)
     add_options(p, "the training settings this run reads")
     add_runtime(p)

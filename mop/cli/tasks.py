@@ -21,11 +21,11 @@ def cmd_task(args: argparse.Namespace) -> None:
         return
     from mop.tasks.probe import prepare
 
-    o = {k: v for k, v in args.options.items() if k not in ("kg", "k")}
+    o = {k: v for k, v in args.options.items() if k not in ("kg", "k", "inside_at")}
     if "shares" in o:
         o["shares"] = tuple(o["shares"])
-    summary = prepare(args.kg, args.partition, args.out, **o)
-    log(f"task probe: {summary['questions']} questions -> {args.out}")
+    summary = prepare(args.kg, args.partition, args.out, inside_at=args.inside_at, **o)
+    log(f"task probe: {summary['examples']} questions -> {args.out}")
 
 
 def cmd_pubmedqa_folds(args: argparse.Namespace) -> None:
@@ -52,9 +52,16 @@ def cmd_encode(args: argparse.Namespace) -> None:
 
 def cmd_link(args: argparse.Namespace) -> None:
     from mop.linking import run_link
+    from mop.plan import Run
+    from mop.tasks import get_task
 
     summary = run_link(
-        args.task_dir, args.kg, args.partition, args.out, min_chars=args.options.get("min_chars", 3)
+        args.task_dir,
+        args.kg,
+        args.partition,
+        args.out,
+        min_chars=args.options.get("min_chars", 3),
+        facts=get_task(Run.parse(args.task_dir).task).facts,
     )
     for split, c in summary["splits"].items():
         log(
@@ -93,6 +100,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("task", help="prepare a task's splits as Parquet")
     p.add_argument("--kg", help="the KG folder (KG probe)")
     p.add_argument("--partition", help="the partition folder (KG probe)")
+    p.add_argument(
+        "--inside-at",
+        nargs="*",
+        default=[],
+        help="other partition folders: keep only facts inside one partition in each (KG probe)",
+    )
     add_options(p, "the tasks.<task> section without finetune and controls")
     add_out(p, "results/tasks/<task>")
     p.set_defaults(func=cmd_task)

@@ -109,7 +109,7 @@ REPORTS = {
             "table",
             ("runs", "stats"),
             lambda p, w: {
-                "runs": p.metrics(p.mop_runs(ks=p.ks())),
+                "runs": p.metrics(p.base_runs() + p.mop_runs(ks=p.ks()) + p.oracle_runs(p.ks())),
                 "stats": [p.path(r, "stats.json") for r in p.partitions(["metis"])],
             },
             lambda p: _one(_mop(p) and p.ft["partition_experiments"]),

@@ -27,6 +27,7 @@ SCHEMA = {
     "test": pl.Float64,
     "routing": pl.Float64,  # mixtures: share of test inputs routed to the true / linked partition
     "entropy": pl.Float64,  # mixtures: mean entropy (nats) of the test inputs' weights
+    "inside": pl.Float64,  # KG probe: share of test facts inside one partition of the run's K
     "folder": pl.String,
 }
 
@@ -60,6 +61,7 @@ def load_runs(metric_files: Sequence[str | Path]) -> pl.DataFrame:
                 "test": m[f"test_{main}"],
                 "routing": m.get("test_routing_true", m.get("test_routing_linked")),
                 "entropy": m.get("test_mixture_entropy"),
+                "inside": m.get("test_facts_inside"),
                 "folder": str(path.parent),
             }
         )

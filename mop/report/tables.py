@@ -130,32 +130,59 @@ def table_kgs(stats_files: Sequence[str | Path]) -> Table:
 
 
 def table_k(runs: pl.DataFrame, partition_stats: Sequence[str | Path]) -> Table:
-    """Table 4: MoP's task metric per number of partitions (average entities per partition)."""
+    """Table 4: MoP's task metric per number of partitions (average entities per
+    partition), marked against the base model, and where the KG probe ran, beside it the
+    oracle adapter at that K, the share of test facts inside one partition of that K, and
+    how MoP routes: the share of test inputs whose largest weight is the partition (of that
+    K) holding their fact, and the weights' entropy against ln K."""
+    import math
+
     sizes = {}
     for path in partition_stats:
         s = read_json(path)
         sizes[(Run.parse(path).kg, s["k"])] = s["entities_mean"]
     mop = runs.filter((pl.col("method") == "mop") & (pl.col("scheme") == "metis"))
+    oracle = runs.filter((pl.col("method") == "oracle") & (pl.col("scheme") == "metis"))
     tasks = sorted(mop["task"].unique().to_list())
+    probe = oracle.height > 0
+    extra = ["Oracle (probe)", "Facts inside (%)", "Routing (%)", "Entropy (ln K)"]
     table = Table(
         "partitions_k",
-        "MoP (METIS partitions) over the number of sub-graphs. " + MARKS,
-        ["Model / KG", "# Sub-graphs (avg. # entities)", *tasks],
+        "MoP (METIS partitions) over the number of sub-graphs. Oracle: each probe question "
+        "through the adapter trained on its fact at that K (cut facts: its disease's "
+        "adapter); facts inside: test facts inside one partition of that K; routing: test "
+        "inputs whose largest mixture weight (averaged over layers and tokens) is that "
+        "partition, of the facts inside; entropy of the weights in nats (uniform: ln K). " + MARKS,
+        ["Model / KG / mixture", "# Sub-graphs (avg. # entities)", *tasks, *(extra * probe)],
     )
+
+    def mean(frame: pl.DataFrame, column: str, scale: float = 1.0, digits: int = 1) -> str:
+        v = frame[column].drop_nulls()
+        return f"{scale * v.mean():.{digits}f}" if v.len() else "-"
+
     for (model, kg, mixture), group in mop.group_by(
         ["model", "kg", "mixture"], maintain_order=True
     ):
+        base = {t: values(runs, model=model, method="base", task=t) for t in tasks}
         for k in sorted(group["k"].unique().to_list()):
             avg = sizes.get((kg, k))
             label = f"{k} ({avg:,.0f})" if avg is not None else str(k)
-            cells = [Cell(values(group, task=t, k=k)) for t in tasks]
-            table.rows.append(
-                [
-                    f"{model} / {kg} / {mixture}",
-                    label,
-                    *[c if c.values.size else "-" for c in cells],
+            cells = [Cell(values(group, task=t, k=k), base[t]) for t in tasks]
+            row: list[str | Cell] = [
+                f"{model} / {kg} / {mixture}",
+                label,
+                *[c if c.values.size else "-" for c in cells],
+            ]
+            if probe:
+                own = group.filter((pl.col("k") == k) & (pl.col("task") == "probe"))
+                orc = values(oracle, model=model, kg=kg, k=k, task="probe")
+                row += [
+                    Cell(orc, base.get("probe")) if orc.size else "-",
+                    mean(own, "inside", 100),
+                    mean(own, "routing", 100),
+                    f"{mean(own, 'entropy', digits=2)} ({math.log(k):.2f})",
                 ]
-            )
+            table.rows.append(row)
     table.bold_best(first=2)
     return table
 

@@ -91,6 +91,9 @@ class TaskSpec:
     kind: str = "single"
     metric_columns: tuple[str, ...] = ()  # split columns the metric reads besides label/pred
     folds: int = 0  # > 0: data in fold{i}/ folders; the run with seed i trains on fold i
+    # columns with the (head, tail) entity ids of the KG fact each example asks about (the
+    # KG probe): a run on any partitioning knows which partition holds the fact
+    facts: tuple[str, ...] = ()
     source: str = ""  # where the data comes from and its licence (for missing-data errors)
 
     def __post_init__(self) -> None:

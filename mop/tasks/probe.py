@@ -5,7 +5,9 @@ the HPO graph, so that the embedded default can test whether knowledge infused i
 partition adapters reaches a downstream task.
 
 - Facts: triples of one relation ("has phenotype") whose head and tail lie in the same
-  partition, i.e. exactly the facts some adapter was trained on.
+  partition, i.e. exactly the facts some adapter was trained on; with `inside_at` (other
+  partitionings, e.g. K = 8 and 20 of a sweep) only facts inside one partition in every
+  one of them, so that a finer K measures the mixture's routing, not facts it cut.
 - Split by disease: a test disease never appears in the probe's training split, so a model
   can only answer its questions from what it knew before fine-tuning (the base model's
   general knowledge, or the adapters' infused facts).
@@ -20,17 +22,24 @@ partition adapters reaches a downstream task.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from mop.errors import MopError
-from mop.kg import read_kg, read_table
-from mop.partition import MEMBERSHIP_SCHEMA
+from mop.kg import read_kg
+from mop.partition import fact_partitions, read_membership
 from mop.tasks import SPLITS, TaskSpec, accuracy, write_splits
 
-SPEC = TaskSpec(name="probe", labels=("no", "yes"), metric=accuracy, main_metric="accuracy")
+SPEC = TaskSpec(
+    name="probe",
+    labels=("no", "yes"),
+    metric=accuracy,
+    main_metric="accuracy",
+    facts=("disease", "phenotype"),
+)
 DEFAULT_TEMPLATE = "Is {tail} a feature of {head}?"
 
 
@@ -73,22 +82,22 @@ def build_probe(
     template: str = DEFAULT_TEMPLATE,
     format: str = "question",
     seed: int = 0,
+    inside_at: Sequence[str | Path] = (),
 ) -> dict[str, pl.DataFrame]:
-    """The probe's train/dev/test questions (columns described in the module docstring)."""
+    """The probe's train/dev/test questions (columns described in the module docstring);
+    `partition` is the fact's partition in `partition_dir`."""
     kg = read_kg(kg_dir)
     rel = kg.relations.filter(pl.col("name") == relation)
     if rel.height == 0:
         raise MopError(f"tasks.probe.relation: {relation!r} is not a relation of {kg_dir}")
-    part = (
-        read_table(Path(partition_dir) / "membership.parquet", MEMBERSHIP_SCHEMA)
-        .sort("entity")["partition"]
-        .to_numpy()
-    )
+    part = read_membership(partition_dir)
     facts_df = kg.triples.filter(pl.col("relation") == rel["id"][0])
     heads = facts_df["head"].to_numpy()
     tails = facts_df["tail"].to_numpy()
     facts = set(zip(heads.tolist(), tails.tolist(), strict=True))
     inside = part[heads] == part[tails]
+    for other in inside_at:
+        inside &= fact_partitions(heads, tails, read_membership(other)) >= 0
     rng = np.random.default_rng(seed)
     diseases = np.unique(heads[inside])
     diseases = diseases[rng.permutation(diseases.size)]
@@ -172,6 +181,7 @@ def prepare(kg_dir: str | Path, partition_dir: str | Path, out_dir: str | Path, 
         out_dir,
         kg=str(kg_dir),
         partition=str(partition_dir),
+        inside_at=[str(d) for d in kwargs.get("inside_at", ())],
         diseases={s: f["disease"].n_unique() for s, f in splits.items()},
         yes_share={s: float(f["label"].mean()) for s, f in splits.items()},
     )

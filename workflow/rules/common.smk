@@ -10,7 +10,7 @@ from mop.config import preflight, validate_config
 from mop.errors import MopError
 from mop.plan import WILDCARDS, Plan, Run, log_pattern, pattern, routed
 from mop.report.registry import REPORTS, report_targets
-from mop.tasks import data_files
+from mop.tasks import data_files, get_task
 
 # Snakemake merges --configfile into config/config.yaml; a whole config must replace it.
 if (
@@ -96,11 +96,14 @@ FINETUNE = ["metrics.json", "predictions.parquet"]
 
 def finetune_inputs(w):
     """Every run reads its task's splits and their tokens for its model's tokenizer; a
-    routed mixture also reads the task's links to its KG partitions."""
+    routed mixture also reads the task's links to its KG partitions, and a run with
+    adapters on a task that knows its facts (KG probe) the partitioning they came from."""
     out = {
         "task": PLAN.path(Run("task", task=w.task), "summary.json"),
         "encoded": PLAN.path(PLAN.encoded(w.task, w.model), "encoding.json"),
     }
     if routed(w.get("mixture")):
         out["links"] = PLAN.path(Run.of("links", w), "links.parquet")
+    if "k" in w.keys() and get_task(w.task).facts:
+        out["membership"] = PLAN.path(Run.of("partition", w), "membership.parquet")
     return out

@@ -15,6 +15,13 @@ rule task_probe:
             ),
             "membership.parquet",
         ),
+        inside_at=lambda w: [
+            PLAN.path(
+                Run("partition", kg=config["tasks"]["probe"]["kg"], k=k, scheme="metis"),
+                "membership.parquet",
+            )
+            for k in config["tasks"]["probe"]["inside_at"]
+        ],
     output:
         files_in(
             "task",
@@ -33,10 +40,12 @@ rule task_probe:
         options=lambda w: as_json(PLAN.task_data_options("probe")),
         kg=lambda w, input: os.path.dirname(input.entities),
         partition=lambda w, input: os.path.dirname(input.membership),
+        inside_at=lambda w, input: " ".join(os.path.dirname(f) for f in input.inside_at),
         out=lambda w, output: os.path.dirname(output[0]),
     shell:
         "mop task --kg {params.kg} --partition {params.partition}"
-        " --options {params.options:q} --out {params.out} 2> {log:q}"
+        " --inside-at {params.inside_at} --options {params.options:q} --out {params.out}"
+        " 2> {log:q}"
 
 
 rule task_data:
@@ -159,11 +168,16 @@ rule finetune_base:
         encoded=lambda w: PLAN.encoded_folder(w.task, w.model, w.seed),
         adapters="",
         links=lambda w, input: f"--links {input.links}" if "links" in input.keys() else "",
+        partition=lambda w, input: (
+            f"--partition {os.path.dirname(input.membership)}"
+            if "membership" in input.keys()
+            else ""
+        ),
         out=lambda w, output: os.path.dirname(output[0]),
     shell:
         "mop finetune --task-dir {params.task_dir} --encoded {params.encoded} {params.adapters}"
-        " {params.links} --models {params.models:q} --options {params.options:q} --threads {threads}"
-        " --out {params.out} 2> {log:q}"
+        " {params.links} {params.partition} --models {params.models:q} --options {params.options:q}"
+        " --threads {threads} --out {params.out} 2> {log:q}"
 
 
 use rule finetune_base as finetune_mop with:
