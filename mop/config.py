@@ -15,6 +15,7 @@ input data (KG source files, task datasets) stops a real run before any job; a d
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,38 @@ import yaml
 
 from mop.errors import MopError
 from mop.io import read_json, safe_name
+from mop.plan import Plan
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+
+
+@lru_cache(maxsize=1)
+def _schema() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+def schema_defaults(section: str) -> dict[str, Any]:
+    """The schema's default of every key of a config section (a dotted path such as
+    `finetune`, `tasks.probe` or `analysis.topics`): the one place a default is defined.
+    Jobs get validated sections with these filled in; code called without the workflow
+    (the `mop` commands, the library) fills them from here too."""
+    schema = _schema()
+    node: dict[str, Any] = schema
+    for name in section.split("."):
+        node = node["properties"][name]
+        if "$ref" in node:
+            node = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+    return {
+        key: prop["default"]
+        for key, prop in node.get("properties", {}).items()
+        if "default" in prop
+    }
+
+
+def with_defaults(section: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A section's options with the schema's defaults where a key is not given."""
+    return {**schema_defaults(section), **options}
 
 
 def _key_path(error: Any) -> str:
@@ -78,30 +108,6 @@ def kg_entity_count(name: str, kg_cfg: dict[str, Any], results: Path) -> int | N
     return None
 
 
-def task_training(config: dict[str, Any], task: str) -> dict[str, Any]:
-    """The `finetune` section with the task's own training settings (`tasks.<task>.finetune`)."""
-    own = config["tasks"].get(task, {}).get("finetune", {})
-    return {**config["finetune"], **own}
-
-
-def task_seeds(config: dict[str, Any], task: str) -> list[int]:
-    return list(task_training(config, task)["seeds"])
-
-
-def task_data_options(config: dict[str, Any], task: str) -> dict[str, Any]:
-    """A data task's settings for its prepare step (training settings left out, so changing
-    a learning rate does not re-run data preparation)."""
-    return {k: v for k, v in config["tasks"].get(task, {}).items() if k != "finetune"}
-
-
-def task_run_dir(config: dict[str, Any], task: str, seed: int | str) -> str:
-    """The prepared data one run reads: fold `seed` for cross-validated tasks (PubMedQA)."""
-    from mop.tasks import get_task
-
-    root = f"{config['results']}/tasks/{task}"
-    return f"{root}/fold{seed}" if get_task(task).folds else root
-
-
 def check_tasks(config: dict[str, Any]) -> list[str]:
     """Every task to fine-tune has settings, its data files, and seeds that fit its folds.
 
@@ -131,7 +137,7 @@ def check_tasks(config: dict[str, Any]) -> list[str]:
             except MopError as exc:
                 missing.append(str(exc))
         folds = get_task(task).folds
-        bad = [s for s in task_seeds(config, task) if folds and not 0 <= s < folds]
+        bad = [s for s in Plan(config).seeds(task) if folds and not 0 <= s < folds]
         if bad:
             raise MopError(
                 f"config key tasks.{task}.finetune.seeds: {bad} - the run with seed i trains "
@@ -151,7 +157,7 @@ def check_analysis(config: dict[str, Any]) -> None:
     k = ft["k"]
     if an["rank_by"] == "train" and (an["single_adapters"] or an["subsets"]):
         off = [
-            t for t in an.get("tasks") or ft["tasks"] if not task_training(config, t)["eval_train"]
+            t for t in an.get("tasks") or ft["tasks"] if not Plan(config).training(t)["eval_train"]
         ]
         if off:
             raise MopError(

@@ -251,9 +251,9 @@ def _task_sizes(task: str, config: dict[str, Any], est: Estimate) -> tuple[int, 
 
 
 def _task_tokens(task: str, model: str, config: dict[str, Any], est: Estimate) -> float:
-    from mop.config import task_training
+    from mop.plan import Plan
 
-    length = task_training(config, task)["max_length"]
+    length = Plan(config).training(task)["max_length"]
     entry = config["models"][model]
     tokenizer = entry["tokenizer"] if "random" in entry else model
     record = _read(
@@ -274,7 +274,7 @@ def estimate(
     mfu: float = DEFAULT_MFU,
 ) -> Estimate:
     """Jobs per rule and GPU-hours per training rule for the given dry-run jobs."""
-    from mop.config import task_training
+    from mop.plan import Plan
     from mop.tasks import get_task
 
     peak = next((v for k, v in GPU_PEAKS.items() if k in card.lower()), None)
@@ -301,7 +301,7 @@ def estimate(
             flops = tokens * config["pretrain"]["epochs"] * train + tokens * forward
         else:
             task = w.get("task", "probe")
-            settings = task_training(config, task)
+            settings = Plan(config).training(task)
             spec = get_task(task)
             sizes = _task_sizes(task, config, est)
             per_seq = _task_tokens(task, w["model"], config, est)

@@ -92,6 +92,22 @@ class FinetuneConfig:
     save_model: bool = True
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
 
+    @classmethod
+    def from_options(
+        cls, options: dict[str, Any], seed: int = 0, mixture: str = "softmax"
+    ) -> FinetuneConfig:
+        """A run's settings from a `finetune` section (schema defaults where a key is not
+        given), its seed and its mixture's name."""
+        from mop.config import with_defaults
+
+        o = with_defaults("finetune", options)
+        fields = set(cls.__dataclass_fields__) - {"seed", "mixture"}
+        return cls(
+            **{k: o[k] for k in fields},
+            seed=seed,
+            mixture=MixtureConfig.from_options(options, mixture),
+        )
+
 
 # Settings that change how a run executes, not what it computes: a checkpoint written
 # under other values still resumes.
@@ -470,7 +486,7 @@ def with_candidates(
     `centre`: an exported model's) and of unit length. Returns the data and the centre.
 
     encoder: the frozen base encoder, if the caller keeps one (default: load it)."""
-    from mop.pretrain import centred, raw_name_vectors
+    from mop.vectors import centred, raw_name_vectors
 
     for s, split in data.items():
         if "candidate" not in split.frame.columns:

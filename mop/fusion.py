@@ -55,6 +55,16 @@ from torch import nn
 from mop.errors import MopError
 
 MIXTURES = ("softmax", "gumbel", "moe")
+# `finetune` keys -> MixtureConfig fields
+OPTION_FIELDS = {
+    "gumbel_tau": "tau",
+    "moe_top_k": "top_k",
+    "moe_importance": "importance",
+    "moe_load": "load",
+    "fusion_reg": "fusion_reg",
+    "route_loss": "route_loss",
+    "route_prior": "route_prior",
+}
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,16 @@ class MixtureConfig:
     @property
     def needs_links(self) -> bool:
         return self.routed or self.prior
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any], name: str = "softmax") -> MixtureConfig:
+        """The mixture `name` with the rest from a `finetune` section (schema defaults where
+        a key is not given)."""
+        from mop.config import with_defaults
+
+        o = with_defaults("finetune", options)
+        defaults = cls(**{f: o[key] for key, f in OPTION_FIELDS.items()})
+        return parse_mixture(name, defaults)
 
 
 def parse_mixture(name: str, defaults: MixtureConfig | None = None) -> MixtureConfig:

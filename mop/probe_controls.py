@@ -28,9 +28,10 @@ from mop.io import write_json, write_parquet
 from mop.kg import read_kg, read_table
 from mop.models import ModelSpec, load_base_model, load_tokenizer
 from mop.partition import MEMBERSHIP_SCHEMA
-from mop.pretrain import load_entity_predictor, name_vectors
+from mop.pretrain import load_entity_predictor
 from mop.tasks import SPLITS
 from mop.training import Runtime, evaluating
+from mop.vectors import name_vectors
 
 
 def best_threshold(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -115,3 +115,37 @@ def test_every_key_of_the_schema_is_documented():
         if not any(form.format(k=key) in doc for form in forms)
     ]
     assert missing == []
+
+
+def test_every_settings_dataclass_default_is_the_schemas():
+    """A default is defined once, in the schema; a dataclass used outside the workflow
+    must not drift from it."""
+    from dataclasses import fields
+
+    from mop.config import schema_defaults
+    from mop.finetune import FinetuneConfig
+    from mop.fusion import OPTION_FIELDS, MixtureConfig
+    from mop.pretrain import PretrainConfig
+
+    for cls, section, rename in (
+        (FinetuneConfig, "finetune", {}),
+        (PretrainConfig, "pretrain", {}),
+        (MixtureConfig, "finetune", {f: k for k, f in OPTION_FIELDS.items()}),
+    ):
+        schema = schema_defaults(section)
+        shared = 0
+        for f in fields(cls):
+            key = rename.get(f.name, f.name)
+            if key in schema and key != "seed":
+                assert f.default == schema[key], f"{cls.__name__}.{f.name} vs {section}.{key}"
+                shared += 1
+        assert shared >= (7 if cls is MixtureConfig else 12)
+
+
+def test_commands_fill_missing_options_from_the_schema():
+    from mop.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig.from_options({"lr": 1e-3, "route_loss": 3.0}, seed=2, mixture="moe-k1")
+    assert (cfg.lr, cfg.seed, cfg.epochs, cfg.pooling) == (1e-3, 2, 3, "cls")
+    assert (cfg.mixture.kind, cfg.mixture.top_k, cfg.mixture.route_loss) == ("moe", 1, 3.0)
+    assert cfg.mixture.importance == 0.1

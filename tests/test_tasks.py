@@ -9,8 +9,9 @@ import polars as pl
 import pytest
 import yaml
 
-from mop.config import check_tasks, task_run_dir, task_training, validate_config
+from mop.config import check_tasks, validate_config
 from mop.errors import MopError
+from mop.plan import Plan
 from mop.tasks import (
     accuracy_and_macro_f1,
     document_micro_f1,
@@ -233,12 +234,13 @@ def test_missing_datasets_say_where_they_come_from(tmp_path):
 
 def test_per_task_settings_override_finetune_and_pick_folds(tmp_path):
     config = _paper_config(tmp_path)
-    hoc = task_training(config, "hoc")
+    plan = Plan(config)
+    hoc = plan.training("hoc")
     assert (hoc["lr"], hoc["batch_size"], hoc["max_length"]) == (2e-5, 32, 128)
     assert hoc["seeds"] == [0, 1, 2, 3, 4] and hoc["patience"] == 5
-    assert task_training(config, "medqa")["batch_size"] == 12
-    assert task_run_dir(config, "pubmedqa", 7).endswith("tasks/pubmedqa/fold7")
-    assert task_run_dir(config, "hoc", 3).endswith("tasks/hoc")
+    assert plan.training("medqa")["batch_size"] == 12
+    assert plan.task_folder("pubmedqa", 7).endswith("tasks/pubmedqa/fold7")
+    assert plan.task_folder("hoc", 3).endswith("tasks/hoc")
     bad = copy.deepcopy(config)
     shutil.copytree(FIXTURES / "pubmedqa", tmp_path / "data" / "tasks" / "pubmedqa")
     bad["finetune"]["tasks"] = ["pubmedqa"]

@@ -24,16 +24,12 @@ def cmd_select_subsets(args: argparse.Namespace) -> None:
 
 
 def cmd_topics(args: argparse.Namespace) -> None:
+    from mop.config import with_defaults
     from mop.topics import run_topics
 
-    o = args.options
+    o = with_defaults("analysis.topics", args.options)
     info = run_topics(
-        args.kg,
-        args.partition,
-        args.out,
-        groups=o.get("groups", 6),
-        terms=o.get("terms", 20),
-        seed=o.get("seed", 0),
+        args.kg, args.partition, args.out, groups=o["groups"], terms=o["terms"], seed=o["seed"]
     )
     log(
         f"topics: {info['partitions']} partitions in {info['groups']} groups, "

@@ -20,26 +20,13 @@ from mop.log import log
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from mop.finetune import FinetuneConfig, finetune
-    from mop.fusion import MixtureConfig, parse_mixture
     from mop.plan import Run
     from mop.tasks import get_task
 
     run = Run.parse(args.out)
     o = args.options
-    defaults = MixtureConfig(
-        tau=o.get("gumbel_tau", 1.0),
-        top_k=o.get("moe_top_k", 2),
-        importance=o.get("moe_importance", 0.1),
-        load=o.get("moe_load", 0.1),
-        fusion_reg=o.get("fusion_reg", True),
-        route_loss=o.get("route_loss", 1.0),
-        route_prior=o.get("route_prior", 1.0),
-    )
-    mixture = parse_mixture(run.mixture or "softmax", defaults)
-    fields = set(FinetuneConfig.__dataclass_fields__) - {"seed", "mixture"}
-    cfg = FinetuneConfig(
-        **{k: v for k, v in o.items() if k in fields}, seed=run.seed, mixture=mixture
-    )
+    cfg = FinetuneConfig.from_options(o, seed=run.seed, mixture=run.mixture or "softmax")
+    mixture = cfg.mixture
     spec = model_spec(args, run.model)
     adapters = [Path(a) for a in args.adapters or []]
     log(
@@ -84,12 +71,13 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_probe_controls(args: argparse.Namespace) -> None:
+    from mop.config import with_defaults
     from mop.plan import Run
     from mop.probe_controls import shortcut_baselines, zero_shot
 
     run = Run.parse(args.out)
     spec = model_spec(args, run.model)
-    relation = args.options.get("relation", "has phenotype")
+    relation = with_defaults("tasks.probe", args.options)["relation"]
     track = tracker(
         args, {"probe": args.options, "model": spec.identifier(), "adapters": args.adapters}
     )

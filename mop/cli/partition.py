@@ -9,19 +9,20 @@ from mop.log import log
 
 
 def cmd_partition(args: argparse.Namespace) -> None:
+    from mop.config import with_defaults
     from mop.partition import run_partition
     from mop.plan import Run, scheme_rate
 
     run = Run.parse(args.out)
-    o = args.options
+    o = with_defaults("partition", args.options)
     stats = run_partition(
         args.kg,
         args.out,
         run.k,
-        seed=o.get("seed", 1),
-        ufactor=o.get("ufactor", 30),
-        weighted=o.get("weighted", False),
-        recursive=o.get("recursive", False),
+        seed=o["seed"],
+        ufactor=o["ufactor"],
+        weighted=o["weighted"],
+        recursive=o["recursive"],
         shuffle=scheme_rate(run.scheme),
         given=args.given,
     )

@@ -51,6 +51,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
 
 
 def cmd_link(args: argparse.Namespace) -> None:
+    from mop.config import with_defaults
     from mop.linking import run_link
     from mop.plan import Run
     from mop.tasks import get_task
@@ -60,7 +61,7 @@ def cmd_link(args: argparse.Namespace) -> None:
         args.kg,
         args.partition,
         args.out,
-        min_chars=args.options.get("min_chars", 3),
+        min_chars=with_defaults("linking", args.options)["min_chars"],
         facts=get_task(Run.parse(args.task_dir).task).facts,
     )
     for split, c in summary["splits"].items():
