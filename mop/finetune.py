@@ -422,6 +422,26 @@ def routing_diagnostics(
     return out
 
 
+def linking_diagnostics(task: TaskSpec, split: EncodedSplit, frame: pl.DataFrame) -> dict:
+    """What a routed run's links were worth on this split: the share of inputs linked, how
+    often the top link is the true partition (KG probe, facts inside), and the task's
+    metric on the linked and the unlinked inputs apart (where linking fails, a link prior
+    has nothing to add)."""
+    linked = split.links.sum(1) > 0
+    out: dict[str, float] = {"linked_share": float(linked.mean())}
+    if "partition" in split.frame.columns:
+        true = split.frame["partition"].to_numpy()
+        judged = linked & (true >= 0)
+        if judged.any():
+            out["top_link_true"] = float((split.links[judged].argmax(1) == true[judged]).mean())
+    for name, rows in (("linked", linked), ("unlinked", ~linked)):
+        if rows.any():
+            out[f"{name}_{task.main_metric}"] = task.metric(frame.filter(pl.Series(rows)))[
+                task.main_metric
+            ]
+    return out
+
+
 def evaluate(task: TaskSpec, split: EncodedSplit, probs: np.ndarray) -> tuple[dict, pl.DataFrame]:
     """The task's metrics and the per-example frame (id, label, pred, prob, metric columns)."""
     if task.kind == "multi":
@@ -798,6 +818,8 @@ def finetune(
         if mix is not None:
             mixture = mixture_frame(data[s], mix, mean_mix)
             metrics |= routing_diagnostics(data[s], mean_mix, data[s].links)
+        if data[s].links is not None:
+            metrics |= linking_diagnostics(task, data[s], frame)
         results[s] = metrics
         frames.append(frame.with_columns(split=pl.lit(s)))
     metrics = {

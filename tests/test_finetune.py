@@ -597,3 +597,27 @@ def test_a_run_at_another_k_is_routed_and_judged_by_its_own_partitions(
     diag = routing_diagnostics(test, weights, None)
     assert diag["routing_true"] == 1.0
     assert diag["facts_inside"] == pytest.approx(inside.mean())
+
+
+def test_linking_diagnostics_split_the_metric_by_whether_an_input_was_linked(tiny_spec, probe_dir):
+    from dataclasses import replace
+
+    from mop.finetune import evaluate, linking_diagnostics, load_data
+    from mop.models import load_tokenizer
+
+    cfg = FinetuneConfig(max_length=32)
+    test = load_data(tiny_spec, TASK, probe_dir, "base", 0, cfg, load_tokenizer(tiny_spec))["test"]
+    n = len(test)
+    true = test.frame["partition"].to_numpy()
+    links = np.zeros((n, 3), dtype=np.float32)
+    linked = np.arange(n) % 4 != 0  # a quarter unlinked
+    links[linked, true[linked]] = 1.0
+    links[1] = np.eye(3)[(true[1] + 1) % 3]  # one linked input whose top link is wrong
+    split = replace(test, links=links)
+    probs = np.zeros((n, 2))
+    probs[np.arange(n), np.where(linked, test.labels, 1 - test.labels)] = 1.0  # right iff linked
+    _, frame = evaluate(TASK, split, probs)
+    d = linking_diagnostics(TASK, split, frame)
+    assert d["linked_share"] == pytest.approx(linked.mean())
+    assert d["top_link_true"] == pytest.approx(1 - 1 / linked.sum())
+    assert d["linked_accuracy"] == 1.0 and d["unlinked_accuracy"] == 0.0

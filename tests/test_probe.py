@@ -187,3 +187,52 @@ def test_inside_at_keeps_only_facts_inside_every_partitioning(small_kg, small_pa
         d, p = yes["disease"].to_numpy(), yes["phenotype"].to_numpy()
         assert (member[d] == member[p]).all()
         assert frame["label"].mean() == 0.5
+
+
+def test_fair_wording_names_entities_as_text_does(small_kg, small_partition, tmp_path):
+    """Synonyms and partial names break exact-name linking for part of the inputs; the
+    questions themselves (ids, labels, partitions) stay those of the exact-name probe."""
+    import pytest
+
+    from mop.errors import MopError
+    from mop.linking import run_link
+    from mop.tasks.probe import partial_name, prepare
+
+    kg = read_kg(small_kg)
+    assert kg.synonyms is not None and kg.synonyms.height > 100  # HPO terms' synonyms
+    synonyms = set(kg.synonyms["name"].to_list())
+    names = kg.entities["name"].to_list()
+    exact = build_probe(small_kg, small_partition, seed=0, format="pair")
+    fair = build_probe(
+        small_kg, small_partition, seed=0, format="pair", wording={"synonyms": 0.7, "partial": 0.7}
+    )
+    for split, frame in fair.items():
+        assert frame.drop("text_a", "candidate").equals(exact[split].drop("text_a", "candidate"))
+        own = [names[p] for p in frame["phenotype"]]
+        renamed = [c for c, n in zip(frame["candidate"], own, strict=True) if c != n]
+        assert renamed and all(c in synonyms for c in renamed)
+        heads = list(zip(frame["text_a"], frame["disease"], strict=True))
+        cut = [(t, d) for t, d in heads if t != names[d]]
+        assert cut and all(t == partial_name(names[d]) for t, d in cut)
+    assert partial_name("Marfan syndrome") == "Marfan" and partial_name("Fever") == "Fever"
+    for name, wording in (("exact", {}), ("fair", {"synonyms": 0.7, "partial": 0.7})):
+        prepare(small_kg, small_partition, tmp_path / name, seed=0, format="pair", wording=wording)
+        report = run_link(
+            tmp_path / name,
+            small_kg,
+            small_partition,
+            tmp_path / f"links-{name}",
+            facts=("disease", "phenotype"),
+        )
+        share = report["splits"]["test"]["linked_share"]
+        assert share == 1.0 if name == "exact" else share < 0.9
+    with pytest.raises(MopError, match=r"wording.templates: 'Is \{tail\}\?' must name"):
+        build_probe(small_kg, small_partition, wording={"templates": ["Is {tail}?"]})
+    paraphrased = build_probe(
+        small_kg,
+        small_partition,
+        seed=0,
+        wording={"templates": ["Does {head} show {tail}?", "{head}: is {tail} a sign?"]},
+    )
+    starts = {t.split()[0] for t in paraphrased["test"]["text_a"]}
+    assert "Does" in starts and len(starts) > 2

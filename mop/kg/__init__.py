@@ -9,7 +9,7 @@ Every source (the embedded HPO graph, UMLS, SNOMED CT RF2, OBO, plain triples) e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from mop.errors import MopError
 from mop.io import atomic_path, read_json, write_json, write_parquet
 
 ENTITY_SCHEMA = {"id": pl.Int32, "key": pl.String, "name": pl.String}
+SYNONYM_SCHEMA = {"entity": pl.Int32, "name": pl.String}
 RELATION_SCHEMA = {"id": pl.Int32, "name": pl.String}
 TRIPLE_SCHEMA = {"head": pl.Int32, "relation": pl.Int32, "tail": pl.Int32}
 RELATION_FREQUENCY = "relation_frequency.csv"
@@ -36,6 +37,9 @@ class KnowledgeGraph:
     entities: pl.DataFrame
     relations: pl.DataFrame
     triples: pl.DataFrame
+    # other names of entities (entity, name), where the source has them (HPO, OBO):
+    # questions that name entities as real text does (the KG probe's `wording`)
+    synonyms: pl.DataFrame | None = None
 
     @property
     def num_entities(self) -> int:
@@ -107,6 +111,21 @@ def from_keyed(
     return KnowledgeGraph(
         entities.select(list(ENTITY_SCHEMA)), relations.select(list(RELATION_SCHEMA)), triples
     )
+
+
+def with_synonyms(kg: KnowledgeGraph, keyed: pl.DataFrame) -> KnowledgeGraph:
+    """`kg` with the other names of its entities from `keyed` (columns key, synonyms: a
+    list of names per key); keys not in the graph are left out."""
+    synonyms = (
+        keyed.select("key", "synonyms")
+        .explode("synonyms")
+        .drop_nulls()
+        .join(kg.entities.select("key", "id"), on="key")
+        .select(pl.col("id").alias("entity"), pl.col("synonyms").alias("name"))
+        .unique()
+        .sort(["entity", "name"])
+    )
+    return replace(kg, synonyms=synonyms)
 
 
 def from_coded(
@@ -230,6 +249,8 @@ def write_kg(kg: KnowledgeGraph, out_dir: str | Path, meta: dict | None = None) 
     write_parquet(kg.entities, out / "entities.parquet")
     write_parquet(kg.relations, out / "relations.parquet")
     write_parquet(kg.triples, out / "triples.parquet")
+    if kg.synonyms is not None:
+        write_parquet(kg.synonyms.select(list(SYNONYM_SCHEMA)), out / "synonyms.parquet")
     with atomic_path(out / RELATION_FREQUENCY) as tmp:
         freq.write_csv(tmp)
     write_json(stats, out / "stats.json")
@@ -254,10 +275,12 @@ def read_table(path: str | Path, columns: dict[str, pl.DataType] | None = None) 
 
 def read_kg(kg_dir: str | Path) -> KnowledgeGraph:
     d = Path(kg_dir)
+    synonyms = d / "synonyms.parquet"
     return KnowledgeGraph(
         read_table(d / "entities.parquet", ENTITY_SCHEMA),
         read_table(d / "relations.parquet", RELATION_SCHEMA),
         read_table(d / "triples.parquet", TRIPLE_SCHEMA),
+        read_table(synonyms, SYNONYM_SCHEMA) if synonyms.is_file() else None,
     )
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 
 from mop.errors import MopError
-from mop.kg import KnowledgeGraph, from_keyed
+from mop.kg import KnowledgeGraph, from_keyed, with_synonyms
 from mop.kg.obo import read_obo_terms
 
 ASPECT_RELATIONS = {
@@ -163,8 +163,9 @@ def load_hpo(
         kept_terms = term_df.filter(pl.col("key").is_in(used.implode()))
     kept = kept_terms["key"].implode()
     isa = isa.filter(pl.col("head").is_in(kept) & pl.col("tail").is_in(kept))
-    entities = pl.concat([kept_terms, disease_ents, gene_ents])
+    entities = pl.concat([kept_terms.select("key", "name"), disease_ents, gene_ents])
     kg = from_keyed(entities, pl.concat([triples_df, isa]), source=str(data))
+    kg = with_synonyms(kg, kept_terms)
     meta = {
         "source": "hpo",
         "hpo_version": _hpoa_version(hpoa_path),

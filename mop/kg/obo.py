@@ -15,13 +15,14 @@ import fastobo
 import polars as pl
 
 from mop.errors import MopError
-from mop.kg import KnowledgeGraph, from_keyed
+from mop.kg import KnowledgeGraph, from_keyed, with_synonyms
 
 IS_A = "is a"
 
 
 def read_obo_terms(path: str | Path) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
-    """Return (terms: key, name), (edges: head, relation, tail over keys) and counts."""
+    """Return (terms: key, name, synonyms), (edges: head, relation, tail over keys) and
+    counts."""
     path = Path(path)
     if not path.is_file():
         raise MopError(f"{path}: OBO file not found")
@@ -32,6 +33,7 @@ def read_obo_terms(path: str | Path) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
     typedef_names: dict[str, str] = {}
     keys: list[str] = []
     names: list[str] = []
+    synonyms: list[list[str]] = []
     edges: list[tuple[str, str, str]] = []
     obsolete = 0
     for frame in doc:
@@ -44,10 +46,13 @@ def read_obo_terms(path: str | Path) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
         if kind != "TermFrame":
             continue
         key, name, term_edges, is_obsolete = str(frame.id), None, [], False
+        term_synonyms: list[str] = []
         for clause in frame:
             ckind = type(clause).__name__
             if ckind == "NameClause":
                 name = str(clause.name)
+            elif ckind == "SynonymClause":
+                term_synonyms.append(str(clause.synonym.desc))
             elif ckind == "IsAClause":
                 term_edges.append((key, IS_A, str(clause.term)))
             elif ckind == "RelationshipClause":
@@ -61,8 +66,12 @@ def read_obo_terms(path: str | Path) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
             raise MopError(f"{path}: term {key} has no name")
         keys.append(key)
         names.append(name)
+        synonyms.append(term_synonyms)
         edges.extend(term_edges)
-    terms = pl.DataFrame({"key": keys, "name": names}, schema={"key": pl.String, "name": pl.String})
+    terms = pl.DataFrame(
+        {"key": keys, "name": names, "synonyms": synonyms},
+        schema={"key": pl.String, "name": pl.String, "synonyms": pl.List(pl.String)},
+    )
     edge_df = pl.DataFrame(
         edges, schema={"head": pl.String, "relation": pl.String, "tail": pl.String}, orient="row"
     ).with_columns(
@@ -97,5 +106,5 @@ def load_obo(
         edges = edges.filter(pl.col("relation").is_in(relations))
     if edges.height == 0:
         raise MopError(f"{path}: no is_a or relationship edges between live terms")
-    kg = from_keyed(terms, edges, source=str(path))
+    kg = with_synonyms(from_keyed(terms, edges, source=str(path)), terms)
     return kg, {"source": "obo", "path": str(path), "relations_available": available, **meta}

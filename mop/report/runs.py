@@ -28,6 +28,9 @@ SCHEMA = {
     "routing": pl.Float64,  # mixtures: share of test inputs routed to the true / linked partition
     "entropy": pl.Float64,  # mixtures: mean entropy (nats) of the test inputs' weights
     "inside": pl.Float64,  # KG probe: share of test facts inside one partition of the run's K
+    "linked": pl.Float64,  # routed mixtures: share of test inputs linked to a partition
+    "top_link": pl.Float64,  # routed, KG probe: share of linked test inputs whose top link is true
+    "unlinked": pl.Float64,  # routed: the main metric on the test inputs without a link
     "folder": pl.String,
 }
 
@@ -62,6 +65,9 @@ def load_runs(metric_files: Sequence[str | Path]) -> pl.DataFrame:
                 "routing": m.get("test_routing_true", m.get("test_routing_linked")),
                 "entropy": m.get("test_mixture_entropy"),
                 "inside": m.get("test_facts_inside"),
+                "linked": m.get("test_linked_share"),
+                "top_link": m.get("test_top_link_true"),
+                "unlinked": m.get(f"test_unlinked_{main}"),
                 "folder": str(path.parent),
             }
         )

@@ -187,6 +187,9 @@ def table_k(runs: pl.DataFrame, partition_stats: Sequence[str | Path]) -> Table:
     return table
 
 
+MIXTURE_COLUMNS = ("Routing", "Entropy", "Linked", "Top link true", "Unlinked")
+
+
 def table_mixtures(runs: pl.DataFrame) -> Table:
     """Table 6: the mixture variants (and their hyperparameters) x tasks, with how each
     routes: the share of test inputs whose largest weight (averaged over layers and
@@ -197,8 +200,11 @@ def table_mixtures(runs: pl.DataFrame) -> Table:
         "mixtures",
         "Mixture layers compared. Routing: share of test inputs whose largest mixture weight "
         "is the true partition (KG probe) or the linked one (other tasks), mean over the runs "
-        "x 100; entropy: of those weights, in nats (uniform over K: ln K). " + MARKS,
-        ["Model / KG / K", "Mixture", *tasks, "Routing", "Entropy"],
+        "x 100; entropy: of those weights, in nats (uniform over K: ln K). Linked: test "
+        "inputs with a link (routed mixtures), top link true: of those, whose largest link "
+        "is the true partition (KG probe); unlinked: the main metric x 100 on the test "
+        "inputs without a link. " + MARKS,
+        ["Model / KG / K", "Mixture", *tasks, *MIXTURE_COLUMNS],
     )
     for (model, kg, k), group in mop.group_by(["model", "kg", "k"], maintain_order=True):
         for mixture in sorted(group["mixture"].unique().to_list()):
@@ -213,6 +219,11 @@ def table_mixtures(runs: pl.DataFrame) -> Table:
                     *[c if c.values.size else "-" for c in cells],
                     f"{100 * routing.mean():.1f}" if routing.len() else "-",
                     f"{entropy.mean():.3f}" if entropy.len() else "-",
+                    *[
+                        f"{100 * v.mean():.1f}" if (v := own[c].drop_nulls()).len() else "-"
+                        for c in ("linked", "top_link")
+                    ],
+                    f"{100 * u.mean():.2f}" if (u := own["unlinked"].drop_nulls()).len() else "-",
                 ]
             )
     table.bold_best(first=2)

@@ -22,8 +22,11 @@ partition adapters reaches a downstream task.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -72,6 +75,60 @@ def _pair_up(
     return pairs
 
 
+@dataclass(frozen=True)
+class Wording:
+    """How questions name their entities. By default exactly as the KG does, so exact-name
+    linking finds every entity (and a link prior routes by the answer key). A fair probe
+    for linking names them as text does: a share of phenotypes by one of their synonyms,
+    a share of diseases by part of their name (the first half of its words), and the
+    question (format `question`) in one of several paraphrases."""
+
+    synonyms: float = 0.0
+    partial: float = 0.0
+    templates: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "templates", tuple(self.templates))
+        for t in self.templates:
+            if "{head}" not in t or "{tail}" not in t:
+                raise MopError(
+                    f"tasks.probe.wording.templates: {t!r} must name {{head}} and {{tail}}"
+                )
+
+
+def partial_name(name: str) -> str:
+    """The first half of a name's words (rounded up): "Marfan syndrome" -> "Marfan"."""
+    words = name.split()
+    return " ".join(words[: math.ceil(len(words) / 2)]) if len(words) > 1 else name
+
+
+def word(
+    frame: pl.DataFrame,
+    names: list[str],
+    synonyms: dict[int, list[str]],
+    wording: Wording,
+    seed: int,
+    split: str,
+) -> tuple[list[str], list[str], list[str]]:
+    """Each question's disease and phenotype names and template (empty: the default),
+    drawn with their own seeded generator so that the questions themselves (and the
+    exact-name probe) do not depend on the wording."""
+    rng = np.random.default_rng([seed, 1, SPLITS.index(split)])
+    n = frame.height
+    use_synonym = rng.random(n) < wording.synonyms
+    use_partial = rng.random(n) < wording.partial
+    pick = rng.random(n)
+    heads, tails = [], []
+    for i, (d, p) in enumerate(frame.select("disease", "phenotype").iter_rows()):
+        heads.append(partial_name(names[d]) if use_partial[i] else names[d])
+        own = synonyms.get(p)
+        tails.append(own[int(pick[i] * len(own))] if use_synonym[i] and own else names[p])
+    texts = []
+    if wording.templates:
+        texts = [wording.templates[j] for j in rng.integers(len(wording.templates), size=n)]
+    return heads, tails, texts
+
+
 def build_probe(
     kg_dir: str | Path,
     partition_dir: str | Path,
@@ -83,6 +140,7 @@ def build_probe(
     format: str = "question",
     seed: int = 0,
     inside_at: Sequence[str | Path] = (),
+    wording: dict[str, Any] | None = None,
 ) -> dict[str, pl.DataFrame]:
     """The probe's train/dev/test questions (columns described in the module docstring);
     `partition` is the fact's partition in `partition_dir`."""
@@ -106,6 +164,16 @@ def build_probe(
         int(d): SPLITS[int(np.searchsorted(cuts, i, side="right"))] for i, d in enumerate(diseases)
     }
     names = kg.entities["name"].to_list()
+    others: dict[int, list[str]] = {}
+    if kg.synonyms is not None:
+        for e, n in kg.synonyms.iter_rows():
+            others.setdefault(e, []).append(n)
+    wording = Wording(**(wording or {}))
+    if wording.synonyms and not others:
+        raise MopError(
+            f"tasks.probe.wording.synonyms: {kg_dir} has no synonyms (synonyms.parquet; the "
+            "HPO and OBO sources write them)"
+        )
     out: dict[str, pl.DataFrame] = {}
     for split in SPLITS:
         rows = []
@@ -142,20 +210,21 @@ def build_probe(
         if frame.height == 0:
             raise MopError(f"tasks.probe: no {split} questions could be built from {partition_dir}")
         frame = frame.with_columns(
-            id=pl.format("{}-{}-{}", pl.lit(split), pl.col("disease"), pl.col("phenotype")),
-            candidate=pl.col("phenotype").map_elements(lambda p: names[p], return_dtype=pl.String),
+            id=pl.format("{}-{}-{}", pl.lit(split), pl.col("disease"), pl.col("phenotype"))
         )
+        head_names, tail_names, texts = word(frame, names, others, wording, seed, split)
+        frame = frame.with_columns(candidate=pl.Series(tail_names, dtype=pl.String))
         if format == "pair":
             frame = frame.with_columns(
-                text_a=pl.col("disease").map_elements(lambda d: names[d], return_dtype=pl.String),
-                text_b=pl.lit(relation),
+                text_a=pl.Series(head_names, dtype=pl.String), text_b=pl.lit(relation)
             )
         else:
+            questions = [
+                (texts[i] if texts else template).format(head=h, tail=t)
+                for i, (h, t) in enumerate(zip(head_names, tail_names, strict=True))
+            ]
             frame = frame.with_columns(
-                text_a=pl.struct("disease", "phenotype").map_elements(
-                    lambda r: template.format(head=names[r["disease"]], tail=names[r["phenotype"]]),
-                    return_dtype=pl.String,
-                ),
+                text_a=pl.Series(questions, dtype=pl.String),
                 text_b=pl.lit(None, dtype=pl.String),
             )
         out[split] = frame.select(
