@@ -37,7 +37,7 @@ from transformers import get_linear_schedule_with_warmup
 from mop.batching import Sequences, bucketed_batches, sequential_batches
 from mop.errors import MopError, Preempted
 from mop.io import atomic_dir, atomic_path, read_json, require_file, write_json
-from mop.kg import read_kg, read_table
+from mop.kg import KnowledgeGraph, read_kg, read_table
 from mop.log import log
 from mop.models import ModelSpec, load_base_model, load_tokenizer
 from mop.partition import MEMBERSHIP_SCHEMA
@@ -155,6 +155,23 @@ class PartitionData:
         return self.entities.height
 
 
+def canonical_facts(
+    heads: np.ndarray, relations: np.ndarray, tails: np.ndarray, kg: KnowledgeGraph
+) -> np.ndarray:
+    """A dense fact index per triple in which a triple (h, r, t) and its inverse
+    (t, inverse(r), h) share one index (the relations table's `inverse` column; without
+    it every triple is its own fact). Indices follow the sorted canonical triples."""
+    inverse = np.full(int(kg.relations["id"].max()) + 1, -1, dtype=np.int64)
+    if "inverse" in kg.relations.columns:
+        known = kg.relations.filter(pl.col("inverse").is_not_null())
+        inverse[known["id"].to_numpy()] = known["inverse"].to_numpy()
+    h, r, t = (np.asarray(a, dtype=np.int64) for a in (heads, relations, tails))
+    inv = inverse[r]
+    flip = (inv >= 0) & ((t < h) | ((t == h) & (inv < r)))
+    canon = np.stack([np.where(flip, t, h), np.where(flip, inv, r), np.where(flip, h, t)], 1)
+    return np.unique(canon, axis=0, return_inverse=True)[1].reshape(-1)
+
+
 def load_partition_data(
     tokens_path: str | Path,
     partition_dir: str | Path,
@@ -198,16 +215,16 @@ def load_partition_data(
         .to_series()
         .to_numpy()
     )
-    names = read_kg(kg_dir).entities.select(pl.col("id").alias("entity"), "name")
+    kg = read_kg(kg_dir)
+    names = kg.entities.select(pl.col("id").alias("entity"), "name")
     entities = members.select("entity", "local").join(names, on="entity").sort("local")
     heldout = np.zeros(df.height, dtype=bool)
     if heldout_share > 0:
         # Hold out facts, not examples: both directions of a triple (with bidirectional)
-        # go together, so a held-out fact's reverse never stays in training.
-        fact = (
-            df.select(pl.struct("head", "relation", "tail").rank("dense") - 1)
-            .to_series()
-            .to_numpy()
+        # go together, and so do a triple and its inverse (t, inverse(r), h), so that a
+        # held-out fact is never answered by looking up its other half in training.
+        fact = canonical_facts(
+            df["head"].to_numpy(), df["relation"].to_numpy(), df["tail"].to_numpy(), kg
         )
         rng = np.random.default_rng(seed)
         heldout = (rng.random(int(fact.max()) + 1) < heldout_share)[fact]

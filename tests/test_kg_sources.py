@@ -169,7 +169,7 @@ def test_synthetic_release_gives_the_papers_s20rel_and_fast_path_matches(tmp_pat
         ),
     )
     assert keyed.entities.equals(kg.entities)
-    assert keyed.relations.equals(kg.relations)
+    assert keyed.relations.equals(kg.relations.select("id", "name"))
     assert keyed.triples.equals(kg.triples)
 
 
@@ -409,7 +409,8 @@ def test_openke_round_trip_of_graph_and_partition(tmp_path, sfull):
     back, back_meta = load_openke(tmp_path / "openke")
     assert back_meta["keyed_by"] == "entity2key"
     assert back.entities.equals(kg.entities)
-    assert back.relations.equals(kg.relations)
+    # OpenKE has no place for inverse pairs (an import declares them with `inverses:`)
+    assert back.relations.equals(kg.relations.select("id", "name"))
     assert back.triples.equals(kg.triples)
     write_kg(back, tmp_path / "kg2", back_meta)
     given = import_partition(tmp_path / "openke", 2, tmp_path / "kg2")

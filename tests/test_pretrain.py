@@ -344,3 +344,75 @@ def test_a_held_out_fact_keeps_its_reverse_out_of_training(
     np.testing.assert_array_equal(data.heldout[:n], data.heldout[n:])
     table = pl.read_parquet(tokens)
     assert (table["direction"] == 1).sum() == (table["direction"] == 0).sum()
+
+
+def test_heldout_facts_leave_with_their_inverse(tmp_path, tiny_spec):
+    """SFull keeps both directions of every MRDOC inverse pair: holding out (h, r, t) but
+    training on (t, inverse(r), h) would make held-out hits@k an inverse lookup."""
+    import polars as pl
+
+    from mop.kg import read_kg, write_kg
+    from mop.kg.synthetic import write_umls_release
+    from mop.kg.umls import load_umls
+    from mop.partition import run_partition
+    from mop.pretrain import load_partition_data, tokenize_kg
+
+    write_umls_release(tmp_path / "umls", concepts=300, mrrel_rows=3000, seed=0)
+    kg, meta = load_umls(tmp_path / "umls")
+    write_kg(kg, tmp_path / "kg", meta)
+    rel = read_kg(tmp_path / "kg").relations
+    pairs = rel.filter(pl.col("inverse").is_not_null())
+    assert pairs.height >= 10  # SFull keeps both directions of the pairs
+    back = dict(zip(pairs["id"], pairs["inverse"], strict=True))
+    assert all(back[back[r]] == r for r in back)  # the pairs point at each other
+    run_partition(tmp_path / "kg", tmp_path / "part", 1, seed=0)
+    tokenize_kg(tmp_path / "kg", tiny_spec, tmp_path / "tokens.parquet")
+    data = load_partition_data(
+        tmp_path / "tokens.parquet",
+        tmp_path / "part",
+        tmp_path / "kg",
+        0,
+        heldout_share=0.3,
+        seed=1,
+    )
+    rows = (
+        pl.read_parquet(tmp_path / "tokens.parquet")
+        .sort(["direction", "head", "relation", "tail"])
+        .select("head", "relation", "tail")
+        .with_columns(heldout=pl.Series(data.heldout))
+    )
+    training = {(h, r, t) for h, r, t, held in rows.iter_rows() if not held}
+    held = [(h, r, t) for h, r, t, x in rows.iter_rows() if x]
+    assert 0.2 < len(held) / rows.height < 0.4
+    with_inverse = [(h, r, t) for h, r, t in held if r in back]
+    assert len(with_inverse) > 20
+    assert not [f for f in with_inverse if (f[2], back[f[1]], f[0]) in training]
+
+
+def test_declared_inverses_and_a_bad_name(tmp_path):
+    import pytest
+
+    from mop.errors import MopError
+    from mop.kg.sources import build_kg
+
+    path = tmp_path / "t.tsv"
+    path.write_text("head\trelation\ttail\na\thas part\tb\nb\tpart of\ta\nb\tnext to\tc\n")
+    kg, _ = build_kg(
+        {
+            "source": "triples",
+            "path": str(path),
+            "inverses": {"has part": "part of", "next to": "next to"},
+        },
+        "kgs.t",
+    )
+    inv = dict(zip(kg.relations["name"], kg.relations["inverse"], strict=True))
+    ids = dict(zip(kg.relations["name"], kg.relations["id"], strict=True))
+    assert inv == {
+        "has part": ids["part of"],
+        "next to": ids["next to"],
+        "part of": ids["has part"],
+    }
+    with pytest.raises(MopError, match=r"kgs.t.inverses: 'contains' is not a relation"):
+        build_kg(
+            {"source": "triples", "path": str(path), "inverses": {"has part": "contains"}}, "kgs.t"
+        )

@@ -128,6 +128,29 @@ def with_synonyms(kg: KnowledgeGraph, keyed: pl.DataFrame) -> KnowledgeGraph:
     return replace(kg, synonyms=synonyms)
 
 
+def with_inverses(kg: KnowledgeGraph, pairs: dict[str, str], key: str) -> KnowledgeGraph:
+    """`kg` whose relations table has an `inverse` column (the id of the relation that is
+    its inverse, null where none) from `pairs` (relation name -> its inverse's name, one
+    direction is enough; a relation may be its own inverse). A name that is not a relation
+    of the graph, or a relation given two inverses, is an error naming `key`."""
+    ids = dict(zip(kg.relations["name"].to_list(), kg.relations["id"].to_list(), strict=True))
+    inverse: dict[int, int] = {}
+    for a, b in pairs.items():
+        for name in (a, b):
+            if name not in ids:
+                raise MopError(
+                    f"config key {key}: {name!r} is not a relation of the graph "
+                    f"(it has: {', '.join(sorted(ids))})"
+                )
+        for x, y in ((ids[a], ids[b]), (ids[b], ids[a])):
+            if inverse.setdefault(x, y) != y:
+                raise MopError(f"config key {key}: {a!r} is given two different inverses")
+    relations = kg.relations.with_columns(
+        inverse=pl.col("id").replace_strict(inverse, default=None, return_dtype=pl.Int32)
+    )
+    return replace(kg, relations=relations)
+
+
 def from_coded(
     entities: pl.DataFrame, triples: pl.DataFrame, *, source: str = "knowledge graph"
 ) -> KnowledgeGraph:

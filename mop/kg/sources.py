@@ -5,15 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 from mop.errors import MopError
-from mop.kg import KnowledgeGraph
+from mop.kg import KnowledgeGraph, with_inverses
 
 SOURCES = ("hpo", "umls", "rf2", "obo", "triples", "openke")
 
 
 def build_kg(cfg: dict[str, Any], key: str = "kgs.*") -> tuple[KnowledgeGraph, dict[str, Any]]:
     """Build the graph a `kgs.<name>` config section describes; return it and its metadata."""
+    kg, meta = _load(cfg, key)
+    if cfg.get("inverses"):
+        kg = with_inverses(kg, cfg["inverses"], f"{key}.inverses")
+    return kg, meta
+
+
+def _load(cfg: dict[str, Any], key: str) -> tuple[KnowledgeGraph, dict[str, Any]]:
     source = cfg.get("source")
-    options = {k: v for k, v in cfg.items() if k != "source"}
+    options = {k: v for k, v in cfg.items() if k not in ("source", "inverses")}
     if source == "hpo":
         from mop.kg.hpo import load_hpo
 

@@ -21,6 +21,8 @@ Read from a release folder (`<path>/MRCONSO.RRF` or `<path>/META/MRCONSO.RRF`):
   direction of every inverse pair (pairs from MRDOC `rela_inverse`); `relations: [...]`
   keeps exactly the listed ones (RELA, RELA with spaces, or expanded form). The paper's
   list is in `PAPER_S20REL`.
+- The relations table's `inverse` column pairs every kept relation with its kept MRDOC
+  inverse (SFull keeps both directions), so that held-out facts leave with their inverse.
 
 Every file is checked line by line first (field count, trailing `|`, UTF-8; see
 `mop.kg.delimited`), then streamed with polars' lazy CSV scanner, never loaded whole.
@@ -38,7 +40,7 @@ from typing import Any
 import polars as pl
 
 from mop.errors import MopError
-from mop.kg import KnowledgeGraph, from_coded
+from mop.kg import KnowledgeGraph, from_coded, with_inverses
 from mop.kg.delimited import check_delimited
 
 MRCONSO_FIELDS = (
@@ -389,4 +391,10 @@ def load_umls(
     used = pl.concat([rows["head"], rows["tail"]]).unique().implode()
     kg = from_coded(names.filter(pl.col("code").is_in(used)), rows, source=str(mrrel))
     meta["duplicate_rows"] = rows.height - kg.triples.height
-    return kg, meta
+    present = set(kg.relations["name"].to_list())
+    pairs = {
+        names_of[r]: names_of[inverse[r]]
+        for r in chosen
+        if inverse.get(r) in names_of and {names_of[r], names_of[inverse[r]]} <= present
+    }
+    return with_inverses(kg, pairs, f"{key} (MRDOC rela_inverse)"), meta
