@@ -7,7 +7,9 @@ partition adapters reaches a downstream task.
 - Facts: triples of one relation ("has phenotype") whose head and tail lie in the same
   partition, i.e. exactly the facts some adapter was trained on; with `inside_at` (other
   partitionings, e.g. K = 8 and 20 of a sweep) only facts inside one partition in every
-  one of them, so that a finer K measures the mixture's routing, not facts it cut.
+  one of them, and swapped pairs taken within one partition at every K, so that at a
+  finer K every question (negatives too) is about entities its adapters were trained on
+  together: the K sweep measures the mixture's routing, not facts it cut.
 - Split by disease: a test disease never appears in the probe's training split, so a model
   can only answer its questions from what it knew before fine-tuning (the base model's
   general knowledge, or the adapters' infused facts).
@@ -154,8 +156,14 @@ def build_probe(
     tails = facts_df["tail"].to_numpy()
     facts = set(zip(heads.tolist(), tails.tolist(), strict=True))
     inside = part[heads] == part[tails]
-    for other in inside_at:
-        inside &= fact_partitions(heads, tails, read_membership(other)) >= 0
+    # Swapped pairs come from one group: entities in one partition at every K, so that a
+    # negative's disease and phenotype, like a positive's, share a partition at each K.
+    group = part
+    if inside_at:
+        memberships = [part, *(read_membership(other) for other in inside_at)]
+        for membership in memberships[1:]:
+            inside &= fact_partitions(heads, tails, membership) >= 0
+        group = np.unique(np.stack(memberships, 1), axis=0, return_inverse=True)[1].reshape(-1)
     rng = np.random.default_rng(seed)
     diseases = np.unique(heads[inside])
     diseases = diseases[rng.permutation(diseases.size)]
@@ -178,18 +186,18 @@ def build_probe(
     for split in SPLITS:
         rows = []
         asked: set[tuple[int, int]] = set()
-        for p in np.unique(part):
+        for g in np.unique(group):
             pos = sorted(
                 {
                     (int(h), int(t))
                     for h, t in zip(heads[inside], tails[inside], strict=True)
-                    if part[h] == p and split_of[int(h)] == split
+                    if group[h] == g and split_of[int(h)] == split
                 }
             )
             for (d1, p1), (d2, p2) in _pair_up(pos, facts, asked, rng):
                 pair = len(rows) // 4
                 for d, ph, label in ((d1, p1, 1), (d2, p2, 1), (d1, p2, 0), (d2, p1, 0)):
-                    rows.append((pair, int(p), d, ph, label))
+                    rows.append((pair, int(part[d1]), d, ph, label))
         frame = pl.DataFrame(
             rows,
             schema={
