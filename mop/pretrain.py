@@ -403,6 +403,15 @@ class PretrainConfig:
     seed: int = 0
     max_steps: int | None = None  # stop early (benchmarks, fault tests)
 
+    @classmethod
+    def from_options(cls, options: dict[str, Any], **overrides: Any) -> PretrainConfig:
+        """A job's settings from a `pretrain` section (schema defaults where a key is not
+        given); keys the section has but training does not read (tokenizing) are left out."""
+        from mop.config import with_defaults
+
+        o = with_defaults("pretrain", options) | overrides
+        return cls(**{k: v for k, v in o.items() if k in cls.__dataclass_fields__})
+
 
 # Settings that change how a run executes, not what it computes.
 EXECUTION_KEYS = ("grad_accum", "log_every", "checkpoint_every", "eval_batch_size")

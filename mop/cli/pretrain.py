@@ -19,17 +19,18 @@ from mop.log import log
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
+    from mop.config import with_defaults
     from mop.plan import Run
     from mop.pretrain import tokenize_kg
 
     alias = Run.parse(args.out).model
-    o = args.options
+    o = with_defaults("pretrain", args.options)
     n = tokenize_kg(
         args.kg,
         model_spec(args, alias),
         args.out,
-        max_length=o.get("max_length", 64),
-        bidirectional=o.get("bidirectional", False),
+        max_length=o["max_length"],
+        bidirectional=o["bidirectional"],
     )
     log(f"tokenized {n} examples for {alias} -> {args.out}")
 
@@ -39,8 +40,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from mop.pretrain import PretrainConfig, load_partition_data, pretrain_partition
 
     run = Run.parse(args.out)
-    cfg = PretrainConfig(
-        **args.options, **({"max_steps": args.max_steps} if args.max_steps else {})
+    cfg = PretrainConfig.from_options(
+        args.options, **({"max_steps": args.max_steps} if args.max_steps else {})
     )
     spec = model_spec(args, run.model)
     data = load_partition_data(
