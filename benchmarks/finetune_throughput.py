@@ -718,7 +718,11 @@ def main() -> None:
     parser.add_argument(
         "--device", default=None, help="GPU section: cuda (default), cuda:N, or cpu with --smoke"
     )
-    parser.add_argument("--smoke", action="store_true", help="GPU section: a tiny model")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="GPU section: a tiny model; CPU section: 4 examples of 64 tokens, one round",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="CPU section: rounds of the sides")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -726,7 +730,9 @@ def main() -> None:
         print(json.dumps(cpu_side(args)))
         return
     if not args.gpu:
-        print(json.dumps(cpu_section(args)))
+        if args.smoke:
+            args.examples, args.rounds, args.max_length = 4, 1, args.max_length or 64
+        print(json.dumps(cpu_section(args) | {"smoke": args.smoke}))
         return
     result, passed = gpu_section(args)
     print(json.dumps(result))

@@ -75,7 +75,10 @@ def main() -> None:
     parser.add_argument(
         "--extract-one", nargs=3, metavar=("NAME", "OPTIONS", "OUT"), help=argparse.SUPPRESS
     )
+    parser.add_argument("--smoke", action="store_true", help="20,000 MRREL rows: seconds")
     args = parser.parse_args()
+    if args.smoke:
+        args.rows, args.concepts = 20_000, 2_000
     if args.extract_one:
         name, options, out = args.extract_one
         print(json.dumps(extract_one(name, json.loads(options), Path(out))))
@@ -106,6 +109,7 @@ def main() -> None:
     graphs["sfull"].pop("relation_names")
     result = {
         "benchmark": "kg_umls",
+        "smoke": args.smoke,
         "mrrel_rows": release.mrrel_rows,
         "mrrel_mb": round(mrrel_bytes / 2**20, 1),
         "mrconso_rows": release.mrconso_rows,

@@ -17,6 +17,7 @@ to the first `--cores` CPUs and caps polars' thread pool to match.
 
     python -m benchmarks.partition_scale            # generates the graph in a temp folder
     python -m benchmarks.partition_scale --kg DIR   # an existing KG folder
+    python -m benchmarks.partition_scale --smoke    # seconds: the same code path, tiny
 
 The last line printed is one JSON object with the measurements.
 """
@@ -83,8 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cores", type=int, default=2)
+    p.add_argument("--smoke", action="store_true", help="a 2,000-entity graph, K = 4, once")
     p.add_argument("--job", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.smoke:
+        args.entities, args.triples, args.k, args.repeats = 2000, 12000, 4, 1
     if args.job is not None:
         _job(args.job)
         return
@@ -105,9 +109,10 @@ def main(argv: list[str] | None = None) -> None:
                 stdout=subprocess.DEVNULL,
             )
             gen_s = time.perf_counter() - t0
-        out = Path(tmp, "partition")
+        # the job's folder in the results layout: K and the scheme come from its path
+        out = Path(tmp, "results", "partition", "synthetic", f"k{args.k}-metis")
         options = json.dumps({"seed": args.seed, "ufactor": 30})
-        job = ["--kg", str(kg_dir), "--k", str(args.k), "--options", options, "--out", str(out)]
+        job = ["--kg", str(kg_dir), "--options", options, "--out", str(out)]
         wall, peak, _ = _child(
             [sys.executable, "-m", "benchmarks.partition_scale", "--job", "partition", *job]
         )
@@ -134,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         "retained_share": round(stats["triples_retained_share"], 4),
         "imbalance": round(stats["imbalance"], 4),
         "generate_s": round(gen_s, 1) if gen_s is not None else None,
+        "smoke": args.smoke,
         "cores": cores,
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.system()}",
         # The targets are set for the SFull-size graph with K = 20 only.

@@ -14,6 +14,7 @@ examples, for the same number of examples, with the same optimiser, in this proc
 Prints a final JSON line: examples per second of each, their ratio, and the machine.
 
     python benchmarks/pretrain_throughput.py [--examples 1024] [--batch-size 32] [--threads 2]
+    python benchmarks/pretrain_throughput.py --smoke   # seconds: the same code path
 """
 
 from __future__ import annotations
@@ -128,7 +129,10 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="64 examples: the code path, fast")
     args = parser.parse_args()
+    if args.smoke:
+        args.examples, args.batch_size = 64, 16
     rt = Runtime.create("cpu", "fp32", args.threads)
     spec = resolve_model("minilm-l6", MODELS)
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,6 +178,7 @@ def main() -> None:
                 "baseline_examples_per_s": round(baseline, 1),
                 "ratio": round(ours / baseline, 2),
                 "device": "cpu",
+                "smoke": args.smoke,
                 "machine": f"{platform.machine()} {os.cpu_count()} cpus",
             }
         )

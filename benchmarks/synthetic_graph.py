@@ -134,13 +134,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--entities", type=int, default=SyntheticSpec.entities)
     p.add_argument("--triples", type=int, default=SyntheticSpec.triples)
     p.add_argument("--seed", type=int, default=SyntheticSpec.seed)
+    p.add_argument("--smoke", action="store_true", help="2,000 entities, 12,000 triples")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.entities, args.triples = 2000, 12000
     t0 = time.perf_counter()
     spec = SyntheticSpec(entities=args.entities, triples=args.triples, seed=args.seed)
     stats = write_synthetic(args.out, spec)
     print(
         json.dumps(
             {
+                "benchmark": "synthetic_graph",
+                "smoke": args.smoke,
                 "entities": stats["entities"],
                 "relations": stats["relations"],
                 "triples": stats["triples"],

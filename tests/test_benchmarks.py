@@ -66,3 +66,70 @@ def test_gpu_check_stops_clearly_without_a_gpu():
     result = run("bash", "benchmarks/gpu_check.sh", timeout=60)
     assert result.returncode == 1
     assert "gpu_check: FAILED: nvidia-smi not found" in result.stderr
+
+
+BENCHMARKS = sorted(
+    p.stem for p in (REPO / "benchmarks").glob("*.py") if '__name__ == "__main__"' in p.read_text()
+)
+
+
+def test_every_benchmark_is_smoke_tested():
+    """A new benchmark cannot be forgotten: each runnable script is in SMOKE_CHECKS."""
+    assert sorted(SMOKE_CHECKS) == BENCHMARKS
+
+
+def _pretrain(line, tmp):
+    assert line["examples"] == 64 and line["batch_size"] == 16
+    assert line["ours_examples_per_s"] > 0 and line["baseline_examples_per_s"] > 0
+
+
+def _finetune(line, tmp):
+    assert line["benchmark"].startswith("finetune_throughput")
+    rates = [v for k, v in _flat(line).items() if k.endswith("examples_per_s")]
+    assert rates and all(r > 0 for r in rates)
+
+
+def _partition(line, tmp):
+    assert (line["entities"], line["k"]) == (2000, 4)
+    assert line["job_wall_s"] > 0 and 0 < line["retained_share"] <= 1
+    assert line["metis_s"] > 0 and line["targets_met"] is None  # targets: SFull size only
+
+
+def _kg(line, tmp):
+    assert line["mrrel_rows"] == 20_000
+    assert line["sfull"]["triples"] > 0 and line["s20rel"]["relations"] == 20
+
+
+def _synthetic(line, tmp):
+    assert (line["entities"], line["triples"]) == (2000, 12000)
+    assert (tmp / "kg" / "triples.parquet").is_file()
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+SMOKE_CHECKS = {
+    "pretrain_throughput": ([], _pretrain),
+    "finetune_throughput": (["--threads", "1"], _finetune),
+    "partition_scale": ([], _partition),
+    "kg_umls": ([], _kg),
+    "synthetic_graph": (["--out", "{tmp}/kg"], _synthetic),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE_CHECKS))
+def test_benchmark_smoke_size_runs_the_same_code_path(name, tmp_path):
+    extra, check = SMOKE_CHECKS[name]
+    args = [a.format(tmp=tmp_path) for a in extra]
+    result = run(sys.executable, "-m", f"benchmarks.{name}", "--smoke", *args, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["smoke"] is True
+    check(line, tmp_path)
