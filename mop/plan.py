@@ -268,9 +268,17 @@ class Plan:
 
     def __init__(self, config: dict[str, Any]):
         self.config = config
-        self.results = config["results"]
         self.ft = config["finetune"]
-        self.an = config["analysis"]
+
+    @property
+    def results(self) -> str:
+        return self.config["results"]
+
+    @property
+    def an(self) -> dict[str, Any]:
+        """The `analysis` section, read when asked: the checks build a Plan from a config's
+        finetune and tasks sections alone."""
+        return self.config["analysis"]
 
     def job_environment(self, environ: Mapping[str, str], python: str) -> dict[str, str]:
         """What the workflow exports to its jobs (local or SLURM, which passes it on).
