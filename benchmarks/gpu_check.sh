@@ -5,10 +5,11 @@
 #     PYTHON=/opt/venv/bin/python benchmarks/gpu_check.sh
 #
 # 1. lists the GPUs (nvidia-smi -L) and checks that torch sees CUDA;
-# 2. runs the tiny test workflow (.test/config/config.yaml in a temporary working folder,
+# 2. runs the tests marked cuda (tests/test_cuda.py and the fine-tuning ones);
+# 3. runs the tiny test workflow (.test/config/config.yaml in a temporary working folder,
 #    as tests/conftest.py's tiny_workdir + snakemake do) with runtime.device cuda, and
 #    checks that every fine-tuning (and pretraining) metrics.json reports a cuda device;
-# 3. runs benchmarks/finetune_throughput.py --gpu and benchmarks/pretrain_throughput.py.
+# 4. runs benchmarks/finetune_throughput.py --gpu and benchmarks/pretrain_throughput.py.
 # Every JSON line is printed again at the end. Any failure stops the script with a
 # non-zero status and a line saying what failed. CORES (default 4) is snakemake's --cores.
 set -euo pipefail
@@ -41,6 +42,10 @@ if not torch.cuda.is_available():
     sys.exit(1)
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}: {torch.cuda.get_device_name(0)}")
 EOF
+
+echo "== tests marked cuda"
+HF_HUB_OFFLINE=1 "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider tests ||
+    fail "a test marked cuda failed"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/mop-gpu-check.XXXXXX")
 trap 'rm -rf "$work"' EXIT

@@ -51,11 +51,12 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` is the first CUDA device when there is one, else the CPU."""
+    """`auto` is the current CUDA device when there is one, else the CPU; `cuda` without an
+    index becomes the current device's `cuda:N`."""
     if not isinstance(name, str) or not _DEVICE.match(name):
         raise MopError(f"config key runtime.device: {name!r} is not auto, cpu, cuda or cuda:N")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -68,6 +69,8 @@ def resolve_device(name: str = "auto") -> torch.device:
                 f"config key runtime.device: {name} asked for, but only "
                 f"{torch.cuda.device_count()} CUDA device(s) are visible"
             )
+        if device.index is None:  # torch.cuda.set_device and memory queries need an index
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

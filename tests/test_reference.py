@@ -3,7 +3,8 @@
 `tests/fixtures/tiny_reference.json` holds the tiny `.test` workflow's results as recorded
 before the refactor: every fine-tuning run's metrics and loss curve, every adapter's
 knowledge probe, the partitions' retained triples and every table. The same run now must
-give the same numbers. Record again (only when a change is meant to alter results) with
+give the same numbers, up to the last bits of fp32 sums (which differ between CPUs).
+Record again (only when a change is meant to alter results) with
 `python -m tests.test_reference RESULTS_DIR`.
 """
 
@@ -59,7 +60,9 @@ def _close(a: object, b: object, where: str) -> None:
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _close(x, y, f"{where}[{i}]")
     elif isinstance(a, float):
-        assert b == pytest.approx(a, abs=1e-6), where
+        # fp32 sums differ in their last bits between CPUs (AVX2, AVX-512, AMX kernels);
+        # a change of behaviour moves a loss or a probe far more than this
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-5), where
     else:
         assert a == b, where
 
