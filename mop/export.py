@@ -47,7 +47,15 @@ from mop.finetune import (
 from mop.fusion import MixtureConfig, extra_state, load_extra_state, use_mixture
 from mop.io import atomic_dir, read_json, write_json, write_parquet
 from mop.kg import read_table
-from mop.linking import EntityLinker, entity_partitions, link_frame
+from mop.linking import (
+    EntityLinker,
+    PartitionRetriever,
+    entity_partitions,
+    input_text,
+    link_frame,
+    name_partitions,
+    partition_documents,
+)
 from mop.models import ModelSpec, load_base_model, load_tokenizer
 from mop.tasks import TaskSpec, get_task
 from mop.tasks.encode import EncodedSplit, encode_frame, split_from_tokens
@@ -177,9 +185,10 @@ def exportable(method: str) -> bool:
     return method != "oracle"
 
 
-def _linker_table(run_dir: Path, record: dict) -> tuple[pl.DataFrame, int]:
-    """What a -prior mixture needs to link new inputs as the run's links were made: every
-    entity's name and partition, and the linker's `min_chars` (from the links' coverage)."""
+def _linker_table(run_dir: Path, record: dict, router: str) -> tuple[pl.DataFrame, dict]:
+    """What a -prior mixture needs to route new inputs as the run's links were made: every
+    entity's name (the BM25 router: and synonym) with its partition, and the router's
+    settings (from the links' coverage.json)."""
     links = record.get("links")
     summary = Path(links).parent / "coverage.json" if links else None
     if summary is None or not summary.is_file():
@@ -189,7 +198,11 @@ def _linker_table(run_dir: Path, record: dict) -> tuple[pl.DataFrame, int]:
         )
     facts = read_json(summary)
     kg, partition = (_workflow_path(facts[key], summary.parent) for key in ("kg", "partition"))
-    return entity_partitions(kg, partition), int(facts["min_chars"])
+    settings = {"router": router, "min_chars": int(facts["min_chars"])}
+    if router == "bm25":
+        settings["bm25_temperature"] = float(facts["bm25_temperature"])
+        return name_partitions(kg, partition), settings
+    return entity_partitions(kg, partition), settings
 
 
 def _workflow_path(given: str, links_dir: Path) -> Path:
@@ -219,7 +232,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     spec = spec_from_dict(record["model"])
     task = get_task(record["task"])
     cfg = config_from_dict(record["finetune"])
-    linker = _linker_table(run_dir, record) if method == "mop" and cfg.mixture.prior else None
+    prior = method == "mop" and cfg.mixture.prior
+    linker = _linker_table(run_dir, record, cfg.mixture.router) if prior else None
     adapter_dirs = [Path(a) for a in record["adapters"]]
     model, fusion_name = build_classifier(spec, task, method, adapter_dirs, cfg)
     load_model(model, str(run_dir / "model.safetensors"), strict=True)
@@ -242,7 +256,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
         "fusion": fusion_name,
         "mixture": asdict(cfg.mixture) if fusion_name else None,
         "kg": _kg_facts(record["adapters"]),
-        "linker": None if linker is None else {"min_chars": linker[1], "k": len(adapter_dirs)},
+        "linker": None if linker is None else linker[1] | {"k": len(adapter_dirs)},
         "metrics": {k: v for k, v in metrics.items() if k.split("_")[0] in ("dev", "test")},
         "seed": metrics["seed"],
     }
@@ -289,16 +303,25 @@ class Predictor:
     runtime: Runtime
     path: Path
     candidate_encoder: torch.nn.Module | None = None  # the frozen base (bilinear head)
-    linker: tuple[EntityLinker, np.ndarray] | None = None  # a -prior mixture's linking
+    linker: Any = None  # a -prior mixture's router, built on first use
 
     def links(self, frame: pl.DataFrame) -> np.ndarray:
-        """Each input's partition distribution, linked as the run linked its task."""
+        """Each input's partition distribution, routed as the run routed its task."""
+        settings = self.meta["linker"]
+        k = settings["k"]
         if self.linker is None:  # built once, reused by every call
             table = read_table(self.path / "linker" / "entities.parquet")
-            names = EntityLinker(table["name"].to_list(), self.meta["linker"]["min_chars"])
-            self.linker = names, table["partition"].to_numpy()
+            partition = table["partition"].to_numpy()
+            if settings.get("router") == "bm25":
+                docs = partition_documents(table["name"].to_list(), partition, k)
+                self.linker = PartitionRetriever(docs, settings["bm25_temperature"])
+            else:
+                names = EntityLinker(table["name"].to_list(), settings["min_chars"])
+                self.linker = names, partition
+        if isinstance(self.linker, PartitionRetriever):
+            return self.linker.routes(input_text(frame))
         linker, partition = self.linker
-        routes = link_frame(frame, linker, partition, self.meta["linker"]["k"])["route"]
+        routes = link_frame(frame, linker, partition, k)["route"]
         return routes.to_numpy().astype(np.float32)
 
     def encode(self, frame: pl.DataFrame) -> EncodedSplit:

@@ -607,7 +607,10 @@ def load_data(
         data = with_routes(data, task_dir, adapters_given)
     if links is not None:
         data = {
-            s: replace(split, links=read_links(links, split.ids, adapters_given))
+            s: replace(
+                split,
+                links=read_links(links, split.ids, adapters_given, cfg.mixture.router),
+            )
             for s, split in data.items()
         }
     return data

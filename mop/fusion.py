@@ -29,6 +29,8 @@ from the KG entities it names):
   add nothing). At inference nothing about links is needed.
 - prior: `route_prior * log(q + 1/K)` is added to every token's scores over the adapters,
   in training and at inference (so inference needs the links too); unlinked inputs get 0.
+- `-bm25` after either: q comes from the BM25 partition router (`mop.linking`: the words
+  an input shares with each partition's entity names), which needs no entity linker.
 
 Both auxiliary losses (MoE balance, routing) are averaged over the fusion layers, so a
 weight means the same on a 6-layer MiniLM and a 12-layer BERT. The routing loss is a sum
@@ -79,6 +81,7 @@ class MixtureConfig:
     prior: bool = False  # add the linked partitions' log-prior to the scores
     route_loss: float = 1.0  # weight of the routing loss
     route_prior: float = 1.0  # weight of the log-prior
+    router: str = "names"  # where the routes come from: the entity linker or bm25
 
     def __post_init__(self) -> None:
         if self.kind not in MIXTURES:
@@ -102,7 +105,9 @@ class MixtureConfig:
 def parse_mixture(name: str, defaults: MixtureConfig | None = None) -> MixtureConfig:
     """A mixture from its name: `softmax`, `gumbel`, `gumbel-t0.5` (tau), `moe`, `moe-k3`,
     each optionally followed by `-routed` (`-routed-w6`: routing loss weight 6, else
-    `route_loss`) and / or `-prior` (the grammar: mop.plan.MIXTURE).
+    `route_loss`) and / or `-prior`, then optionally `-bm25` (the routes come from the
+    BM25 partition router of mop.linking instead of the entity linker; the grammar:
+    mop.plan.MIXTURE).
 
     The name carries what varies in the paper's Table 6 and the routing switches;
     everything else comes from `defaults`.
@@ -111,7 +116,11 @@ def parse_mixture(name: str, defaults: MixtureConfig | None = None) -> MixtureCo
 
     kind, *parts = mixture_of(name).split("-")
     out = replace(
-        defaults or MixtureConfig(), kind=kind, routed="routed" in parts, prior="prior" in parts
+        defaults or MixtureConfig(),
+        kind=kind,
+        routed="routed" in parts,
+        prior="prior" in parts,
+        router="bm25" if "bm25" in parts else "names",
     )
     for part in parts:
         if kind == "gumbel" and part.startswith("t"):

@@ -14,6 +14,14 @@ abbreviations link everything to everything).
 An input's distribution weighs every linked mention equally; a name shared by several
 entities splits its mention among their partitions. Inputs without a mention get a row of
 zeros and `linked = false`: they contribute nothing to the routing loss.
+
+The second router needs no entity linker (mixture names ending in `-bm25`): each
+partition is one document, the names and synonyms of its entities, and BM25 (bm25s)
+scores every partition against all of an input's text; the routes are
+softmax(scores / temperature). It asks no name to occur whole, so a synonym, a partial
+name or a paraphrase still routes by the words it shares with the partitions' names; only
+an input sharing no word with any partition is unrouted. Both routers' columns are
+written by the same link job.
 """
 
 from __future__ import annotations
@@ -24,12 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import ahocorasick
+import bm25s
 import numpy as np
 import polars as pl
 
 from mop.errors import MopError
 from mop.io import write_json, write_parquet
-from mop.kg import ENTITY_SCHEMA, read_table
+from mop.kg import ENTITY_SCHEMA, SYNONYM_SCHEMA, read_table
 from mop.partition import MEMBERSHIP_SCHEMA, fact_partitions
 
 # The split columns that hold text an input is about: the texts, the KG probe's candidate,
@@ -107,10 +116,70 @@ def route_of(entities: Iterable[Sequence[int]], partition: np.ndarray, k: int) -
     return (mass / total if total > 0 else mass).astype(np.float32)
 
 
+class PartitionRetriever:
+    """BM25 over one document per partition (its entities' names and synonyms): how well
+    each partition's vocabulary matches an input, as a distribution over partitions."""
+
+    def __init__(self, documents: Sequence[str], temperature: float = 1.0):
+        if temperature <= 0:
+            raise MopError(f"config key linking.bm25_temperature: {temperature} is not > 0")
+        self.k = len(documents)
+        self.temperature = temperature
+        self.index = bm25s.BM25()
+        tokens = bm25s.tokenize(list(documents), show_progress=False, return_ids=False)
+        self.index.index(tokens, show_progress=False)
+
+    def scores(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, K) BM25 scores of each text against each partition."""
+        tokens = bm25s.tokenize(list(texts), show_progress=False, return_ids=False)
+        if not len(texts):
+            return np.zeros((0, self.k), dtype=np.float32)
+        known = set(self.index.vocab_dict)
+        rows = [[w for w in t if w in known] for t in tokens]  # other words score nothing
+        zero = np.zeros(self.k)
+        return np.stack([self.index.get_scores(t) if t else zero for t in rows]).astype(np.float32)
+
+    def routes(self, texts: Sequence[str]) -> np.ndarray:
+        """softmax(scores / temperature) per text; a row of zeros where no word matches."""
+        s = self.scores(texts).astype(np.float64)
+        e = np.exp((s - s.max(1, keepdims=True)) / self.temperature)
+        q = e / e.sum(1, keepdims=True)
+        q[s.max(1) <= 0] = 0.0
+        return q.astype(np.float32)
+
+
+def partition_documents(names: Sequence[str | None], partition: np.ndarray, k: int) -> list[str]:
+    """One text per partition: the names of its entities (one per line)."""
+    docs: list[list[str]] = [[] for _ in range(k)]
+    for name, p in zip(names, partition, strict=True):
+        if name:
+            docs[int(p)].append(name)
+    return ["\n".join(d) for d in docs]
+
+
+def input_text(frame: pl.DataFrame) -> list[str]:
+    """All of each input's text fields (lists flattened) as one string per row."""
+    fields = [f for f in TEXT_FIELDS if f in frame.columns]
+    columns = {f: frame[f].to_list() for f in fields}
+    out = []
+    for i in range(frame.height):
+        parts: list[str] = []
+        for f in fields:
+            value = columns[f][i]
+            parts += [v for v in (value if isinstance(value, list) else [value]) if v]
+        out.append("\n".join(parts))
+    return out
+
+
 def link_frame(
-    frame: pl.DataFrame, linker: EntityLinker, partition: np.ndarray, k: int
+    frame: pl.DataFrame,
+    linker: EntityLinker,
+    partition: np.ndarray,
+    k: int,
+    retriever: PartitionRetriever | None = None,
 ) -> pl.DataFrame:
-    """Per example: id, its mentions, its partition distribution (`route`) and `linked`."""
+    """Per example: id, its mentions, its partition distribution (`route`) and `linked`;
+    with a retriever also the BM25 router's `bm25_route` and `bm25_linked`."""
     fields = [f for f in TEXT_FIELDS if f in frame.columns]
     columns = {f: frame[f].to_list() for f in fields}
     spans, routes = [], []
@@ -141,13 +210,20 @@ def link_frame(
         )
         routes.append(route_of((s.entities for _, s, _ in mentions), partition, k))
     route = np.stack(routes) if routes else np.zeros((0, k), dtype=np.float32)
-    return pl.DataFrame(
+    out = pl.DataFrame(
         {
             "id": frame["id"].cast(pl.String),
             "spans": pl.Series(spans, dtype=pl.List(SPAN)),
             "route": pl.Series(route.tolist(), dtype=pl.Array(pl.Float32, k)),
             "linked": route.sum(1) > 0,
         }
+    )
+    if retriever is None:
+        return out
+    bm25 = retriever.routes(input_text(frame))
+    return out.with_columns(
+        bm25_route=pl.Series(bm25.tolist(), dtype=pl.Array(pl.Float32, k)),
+        bm25_linked=pl.Series(bm25.sum(1) > 0),
     )
 
 
@@ -174,6 +250,13 @@ def coverage(
         judged = links["linked"].to_numpy() & (true >= 0)
         hit = route.argmax(1) == true
         out["top_is_true_partition"] = float(hit[judged].mean()) if judged.any() else 0.0
+    if "bm25_route" in links.columns and n:
+        routed = links["bm25_linked"].to_numpy()
+        out["bm25_linked_share"] = float(routed.mean())
+        if true is not None:
+            judged = routed & (true >= 0)
+            hit = links["bm25_route"].to_numpy().argmax(1) == true
+            out["bm25_top_is_true_partition"] = float(hit[judged].mean()) if judged.any() else 0.0
     return out
 
 
@@ -186,17 +269,24 @@ def split_files(task_dir: str | Path) -> list[Path]:
     return files
 
 
-def read_links(path: str | Path, ids: Sequence[str], k: int) -> np.ndarray:
-    """The (n, K) routes of some example ids from a links.parquet (zeros where unlinked)."""
+ROUTERS = {"names": "route", "bm25": "bm25_route"}  # router -> its links.parquet column
+
+
+def read_links(path: str | Path, ids: Sequence[str], k: int, router: str = "names") -> np.ndarray:
+    """The (n, K) routes of some example ids from a links.parquet (zeros where unlinked),
+    from the entity linker (`names`) or the BM25 partition router (`bm25`)."""
     links = read_table(path)
-    width = links["route"].dtype.size if links.height else k
+    column = ROUTERS[router]
+    if column not in links.columns:
+        raise MopError(f"{path}: no {column} column (made before the {router} router): link again")
+    width = links[column].dtype.size if links.height else k
     if width != k:
         raise MopError(f"{path}: routes over {width} partitions, this run has {k} adapters")
     index = dict(zip(links["id"].to_list(), range(links.height), strict=True))
     missing = [i for i in ids if i not in index]
     if missing:
         raise MopError(f"{path}: no links for example {missing[0]!r} (run `mop link` again)")
-    route = links["route"].to_numpy().astype(np.float32)
+    route = links[column].to_numpy().astype(np.float32)
     return route[[index[i] for i in ids]]
 
 
@@ -214,6 +304,28 @@ def entity_partitions(kg_dir: str | Path, partition_dir: str | Path) -> pl.DataF
     return pl.DataFrame({"name": entities.sort("id")["name"], "partition": partition})
 
 
+def name_partitions(kg_dir: str | Path, partition_dir: str | Path) -> pl.DataFrame:
+    """Every name and synonym of the KG's entities with the entity's partition: the
+    BM25 router's documents (an export of a -bm25 -prior model carries this table)."""
+    table = entity_partitions(kg_dir, partition_dir).select("name", "partition")
+    path = Path(kg_dir) / "synonyms.parquet"
+    if path.is_file():
+        partition = table["partition"]
+        synonyms = read_table(path, SYNONYM_SCHEMA)
+        table = pl.concat(
+            [
+                table,
+                pl.DataFrame(
+                    {
+                        "name": synonyms["name"],
+                        "partition": partition.gather(synonyms["entity"].to_numpy()),
+                    }
+                ),
+            ]
+        )
+    return table
+
+
 def run_link(
     task_dir: str | Path,
     kg_dir: str | Path,
@@ -221,18 +333,25 @@ def run_link(
     out_dir: str | Path,
     min_chars: int = 3,
     facts: tuple[str, ...] = (),
+    bm25_temperature: float = 1.0,
 ) -> dict[str, Any]:
-    """Link every split of a task against a KG's partitions; write links.parquet (one row
-    per distinct example id) and coverage.json (per split file). `facts`: the task's
-    (head, tail) entity columns, where it has them (`TaskSpec.facts`)."""
+    """Link every split of a task against a KG's partitions, with the entity linker and
+    the BM25 partition router; write links.parquet (one row per distinct example id) and
+    coverage.json (per split file). `facts`: the task's (head, tail) entity columns, where
+    it has them (`TaskSpec.facts`)."""
     table = entity_partitions(kg_dir, partition_dir)
     partition = table["partition"].to_numpy()
     k = int(partition.max()) + 1
     linker = EntityLinker(table["name"].to_list(), min_chars=min_chars)
+    names = name_partitions(kg_dir, partition_dir)
+    retriever = PartitionRetriever(
+        partition_documents(names["name"].to_list(), names["partition"].to_numpy(), k),
+        bm25_temperature,
+    )
     frames, report = [], {}
     for path in split_files(task_dir):
         frame = read_table(path)
-        links = link_frame(frame, linker, partition, k)
+        links = link_frame(frame, linker, partition, k, retriever)
         name = str(path.relative_to(task_dir).with_suffix(""))
         true = None
         if facts:
@@ -247,6 +366,7 @@ def run_link(
         "k": k,
         "names": linker.names,
         "min_chars": min_chars,
+        "bm25_temperature": bm25_temperature,
         "splits": report,
     }
     write_parquet(links, Path(out_dir) / "links.parquet")

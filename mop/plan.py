@@ -26,7 +26,7 @@ from mop.errors import MopError
 NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 TASKS = ("probe", "hoc", "pubmedqa", "bioasq7b", "bioasq8b", "mednli", "medqa")
 _NUMBER = r"[0-9]*\.?[0-9]+"
-MIXTURE = rf"(softmax|gumbel(-t{_NUMBER})?|moe(-k[0-9]+)?)(-routed(-w{_NUMBER})?)?(-prior)?"
+MIXTURE = rf"(softmax|gumbel(-t{_NUMBER})?|moe(-k[0-9]+)?)(-routed(-w{_NUMBER})?)?(-prior)?(-bm25)?"
 SCHEME = r"metis|shuffle[0-9.]+"
 
 # What each field of a path may hold: Snakemake's wildcard constraints and the parser's.
@@ -213,17 +213,19 @@ def scheme_rate(scheme: str) -> float:
 
 def mixture_of(name: str) -> str:
     """A mixture name as it appears in a run folder (`mop-<mixture>`)."""
-    if not re.fullmatch(MIXTURE, name):
+    bm25_alone = name.endswith("-bm25") and not routed(name)
+    if not re.fullmatch(MIXTURE, name) or bm25_alone:
         raise MopError(
             f"mixture {name!r} is not softmax, gumbel[-t<tau>] or moe[-k<top k>], "
-            "optionally followed by -routed[-w<weight>] and / or -prior"
+            "optionally followed by -routed[-w<weight>] and / or -prior, then optionally "
+            "-bm25 (routes from the BM25 partition router instead of the entity linker)"
         )
     return name
 
 
 def routed(mixture: str | None) -> bool:
     """Whether runs of this mixture read the task's links (`-routed`, `-prior`)."""
-    return bool(mixture) and bool(re.search(rf"-(routed(-w{_NUMBER})?|prior)$", mixture))
+    return bool(mixture) and bool(re.search(rf"-(routed(-w{_NUMBER})?|prior)(-bm25)?$", mixture))
 
 
 # Keys of `finetune` (and `tasks.<task>.finetune`) that one fine-tuning run reads, by method.

@@ -160,10 +160,12 @@ def test_bad_inputs_stop_with_the_file_and_line(
     assert row["id"] == "2" and set(row["probs"]) == {"no", "yes"}
 
 
+@pytest.mark.parametrize("router", ["names", "bm25"])
 def test_a_prior_mixture_exports_its_linker(
-    tiny_spec, tiny_adapters, small_kg, small_partition, pair_probe, tmp_path, monkeypatch
+    router, tiny_spec, tiny_adapters, small_kg, small_partition, pair_probe, tmp_path, monkeypatch
 ):
-    """A -prior mixture's export links new inputs itself, as the run's links did."""
+    """A -prior mixture's export routes new inputs itself, as the run's links did: with
+    the entity linker, or with the BM25 partition router."""
     import os
 
     from mop.linking import run_link
@@ -183,13 +185,18 @@ def test_a_prior_mixture_exports_its_linker(
         tmp_path / "run",
         prior=True,
         route_prior=5.0,
+        router=router,
         links=links / "links.parquet",
     )
     export = tmp_path / "export"
     meta = export_run(run, export)
-    assert meta["linker"] == {"min_chars": 3, "k": 3}
+    expected = {"router": router, "min_chars": 3, "k": 3}
+    assert meta["linker"] == expected | ({"bm25_temperature": 1.0} if router == "bm25" else {})
     table = pl.read_parquet(export / "linker" / "entities.parquet")
-    assert table.height == pl.read_parquet(small_kg / "entities.parquet").height
+    names = pl.read_parquet(small_kg / "entities.parquet").height
+    if router == "bm25" and (small_kg / "synonyms.parquet").is_file():
+        names += pl.read_parquet(small_kg / "synonyms.parquet").height  # synonyms too
+    assert table.height == names
     model = mop.load(export)
     test = pl.read_parquet(pair_probe / "test.parquet")
     records = test.select("text_a", "text_b", "candidate").to_dicts()

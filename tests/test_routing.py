@@ -23,7 +23,16 @@ from mop.fusion import (
     route_loss,
     set_context,
 )
-from mop.linking import EntityLinker, link_frame, route_of, run_link
+from mop.linking import (
+    EntityLinker,
+    PartitionRetriever,
+    input_text,
+    link_frame,
+    partition_documents,
+    read_links,
+    route_of,
+    run_link,
+)
 from mop.tasks import get_task
 from mop.tasks.encode import EncodedSplit
 from mop.tasks.probe import prepare
@@ -111,6 +120,68 @@ def test_probe_links_cover_every_question_and_name_its_partition(links):
         assert c["linked_share"] == 1.0 and c["entities_per_input"] >= 2
         # disease and phenotype of a probe question lie in its own partition
         assert c["top_is_true_partition"] == 1.0, split
+
+
+def test_the_bm25_router_routes_by_shared_words_where_the_linker_finds_no_name():
+    names = ["Atrial septal defect", "Ventricular septal defect", "Macular edema", "Myopia"]
+    docs = partition_documents(names, np.array([0, 0, 1, 2]), 3)
+    assert docs == ["Atrial septal defect\nVentricular septal defect", "Macular edema", "Myopia"]
+    router = PartitionRetriever(docs)
+    texts = ["a defect of the atrial septum", "edema of the macula, macular", "fever", ""]
+    # the entity linker needs a whole name: none of these texts has one
+    linker = EntityLinker(names)
+    assert [linker.link(t) for t in texts] == [[], [], [], []]
+    q = router.routes(texts)
+    assert q[:2].argmax(1).tolist() == [0, 1]
+    np.testing.assert_allclose(q[:2].sum(1), 1.0, rtol=1e-6)
+    assert (q[2:] == 0).all()  # no word shared with any partition: unrouted
+    # routes are softmax(scores / temperature): a lower temperature is sharper
+    s = router.scores(texts[:1])[0].astype(np.float64)
+    np.testing.assert_allclose(q[0], np.exp(s - s.max()) / np.exp(s - s.max()).sum(), rtol=1e-5)
+    sharp = PartitionRetriever(docs, temperature=0.1).routes(texts[:1])[0]
+    assert sharp.max() > q[0].max()
+    with pytest.raises(MopError, match="bm25_temperature"):
+        PartitionRetriever(docs, temperature=0.0)
+
+
+def test_input_text_joins_every_text_field_of_an_input():
+    frame = pl.DataFrame(
+        {"id": ["a"], "text_a": ["Q"], "choices": [["x", "y"]], "contexts": [["", "c"]]}
+    )
+    assert input_text(frame) == ["Q\nx\ny\nc"]
+
+
+def test_probe_links_carry_the_bm25_routes(links, probe_dir):
+    path, summary = links
+    table = pl.read_parquet(path)
+    assert {"bm25_route", "bm25_linked"} <= set(table.columns)
+    for split in ("train", "dev", "test"):
+        c = summary["splits"][split]
+        assert c["bm25_linked_share"] == 1.0
+        # exact names on the probe: the partition holding both names scores highest
+        assert c["bm25_top_is_true_partition"] >= 0.9, split
+    ids = pl.read_parquet(probe_dir / "test.parquet")["id"].to_list()
+    bm25 = read_links(path, ids, 3, "bm25")
+    np.testing.assert_allclose(bm25.sum(1), 1.0, rtol=1e-5)
+    names = read_links(path, ids, 3)
+    assert not np.allclose(bm25, names)  # two routers, two columns
+    with pytest.raises(MopError, match="no bm25_route column"):
+        old = path.parent / "old.parquet"
+        table.drop("bm25_route", "bm25_linked").write_parquet(old)
+        read_links(old, ids, 3, "bm25")
+
+
+def test_bm25_mixture_names():
+    from mop.fusion import parse_mixture
+    from mop.plan import mixture_keys, mixture_of, routed
+
+    m = parse_mixture("softmax-routed-w6-prior-bm25")
+    assert (m.routed, m.prior, m.route_loss, m.router) == (True, True, 6.0, "bm25")
+    assert parse_mixture("gumbel-t0.5-prior").router == "names"
+    assert routed("moe-k1-routed-bm25") and routed("softmax-prior-bm25")
+    assert mixture_keys("softmax-prior-bm25") == ["fusion_reg", "route_prior"]
+    with pytest.raises(MopError, match="-bm25"):
+        mixture_of("softmax-bm25")  # a router with nothing to route
 
 
 def test_route_loss_is_the_cross_entropy_of_the_token_mean():
@@ -250,6 +321,16 @@ def test_a_routed_run_reports_how_it_routes(tiny_spec, tiny_adapters, probe_dir,
     ).write_parquet(wrong)
     with pytest.raises(MopError, match="routes over 2 partitions"):
         finetune(tiny_spec, TASK, probe_dir, "mop", tiny_adapters, cfg, tmp_path / "w", links=wrong)
+    # a -bm25 mixture reads the BM25 router's column of the same links
+    bm25 = replace(cfg, mixture=replace(cfg.mixture, router="bm25"))
+    m = finetune(
+        tiny_spec, TASK, probe_dir, "mop", tiny_adapters, bm25, tmp_path / "bm25", links=path
+    )
+    assert m["config"]["mixture"]["router"] == "bm25"
+    routes = pl.read_parquet(path).filter(pl.col("id").is_in(test["id"].to_list()))
+    by_id = dict(zip(routes["id"], routes["bm25_route"].to_numpy().argmax(1), strict=True))
+    mixture = pl.read_parquet(tmp_path / "bm25" / "mixture.parquet")
+    assert mixture["linked"].to_list() == [by_id[i] for i in test["id"].to_list()]
 
 
 @pytest.mark.slow
@@ -267,7 +348,16 @@ def test_the_workflow_runs_a_routed_mixture(finished_run, tmp_path):
     extra = tmp_path / "routed.yaml"
     extra.write_text(
         yaml.safe_dump(
-            {"finetune": {"mixtures": ["softmax", "gumbel-t0.5", "softmax-routed-prior"]}}
+            {
+                "finetune": {
+                    "mixtures": [
+                        "softmax",
+                        "gumbel-t0.5",
+                        "softmax-routed-prior",
+                        "softmax-prior-bm25",
+                    ]
+                }
+            }
         )
     )
     result = snakemake(work, "--configfile", str(work / "config" / "config.yaml"), str(extra))
@@ -280,6 +370,10 @@ def test_the_workflow_runs_a_routed_mixture(finished_run, tmp_path):
         m = json.loads((runs / f"seed{seed}" / "metrics.json").read_text())
         assert m["config"]["mixture"]["routed"] and m["config"]["mixture"]["prior"]
         assert 0.0 <= m["test_routing_linked"] <= 1.0 and "test_mixture_entropy" in m
+    bm25 = results / "finetune/probe/tiny/mop-softmax-prior-bm25/hpo-tiny/k2-metis/seed0"
+    m = json.loads((bm25 / "metrics.json").read_text())
+    assert m["config"]["mixture"]["router"] == "bm25" and m["test_linked_share"] == 1.0
+    assert coverage["splits"]["test"]["bm25_linked_share"] == 1.0
     table6 = pl.read_csv(results / "tables/table6_mixtures.csv")
     routed = table6.filter(pl.col("Mixture") == "softmax-routed-prior")
     assert routed.height == 1 and float(routed["Routing"][0]) >= 0
@@ -347,6 +441,7 @@ def test_gradient_accumulation_and_every_mixture(
     from mop.tasks.encode import load_split
     from mop.training import Runtime, accumulate
 
+    torch.manual_seed(0)  # the same weights whichever tests ran before
     cfg = FinetuneConfig(mixture=parse_mixture(name))
     split = load_split(probe_dir, "train", "single", tokenizer=load_tokenizer(tiny_spec))
     routes = read_links(links[0], split.ids, 3)

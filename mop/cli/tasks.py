@@ -56,13 +56,15 @@ def cmd_link(args: argparse.Namespace) -> None:
     from mop.plan import Run
     from mop.tasks import get_task
 
+    options = with_defaults("linking", args.options)
     summary = run_link(
         args.task_dir,
         args.kg,
         args.partition,
         args.out,
-        min_chars=with_defaults("linking", args.options)["min_chars"],
+        min_chars=options["min_chars"],
         facts=get_task(Run.parse(args.task_dir).task).facts,
+        bm25_temperature=options["bm25_temperature"],
     )
     for split, c in summary["splits"].items():
         log(
@@ -71,6 +73,12 @@ def cmd_link(args: argparse.Namespace) -> None:
             + (
                 f", largest weight on the true partition {c['top_is_true_partition']:.1%}"
                 if "top_is_true_partition" in c
+                else ""
+            )
+            + f"; BM25 router: {c['bm25_linked_share']:.1%} routed"
+            + (
+                f", largest weight on the true partition {c['bm25_top_is_true_partition']:.1%}"
+                if "bm25_top_is_true_partition" in c
                 else ""
             )
         )
