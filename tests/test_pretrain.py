@@ -21,6 +21,7 @@ from mop.pretrain import (
     load_entity_predictor,
     load_partition_data,
     pretrain_partition,
+    probe_rows,
 )
 from tests.conftest import checkpoint_step, kill_at_checkpoint
 
@@ -416,3 +417,23 @@ def test_declared_inverses_and_a_bad_name(tmp_path):
         build_kg(
             {"source": "triples", "path": str(path), "inverses": {"has part": "contains"}}, "kgs.t"
         )
+
+
+def test_the_probe_ranks_a_seeded_sample(
+    small_kg, small_partition, small_tokens, tiny_spec, tmp_path
+):
+    rows = np.arange(100, 400)
+    sample = probe_rows(rows, 50, seed=3)
+    assert sample.size == 50 and np.unique(sample).size == 50 and set(sample) <= set(rows)
+    assert (np.diff(sample) > 0).all()  # row order kept
+    np.testing.assert_array_equal(sample, probe_rows(rows, 50, seed=3))
+    assert not np.array_equal(sample, probe_rows(rows, 50, seed=4))
+    np.testing.assert_array_equal(probe_rows(rows, "all", 3), rows)
+    np.testing.assert_array_equal(probe_rows(rows, 1000, 3), rows)  # fewer than asked: all
+
+    data = load_partition_data(small_tokens, small_partition, small_kg, 0)
+    cfg = PretrainConfig(epochs=1, lr=1e-3, batch_size=16, probe_examples=20)
+    m = pretrain_partition(tiny_spec, data, cfg, tmp_path)
+    assert m["probe"]["train"]["examples"] == 20 < m["train_examples"]
+    assert m["probe_seconds"] > 0
+    assert PretrainConfig.from_options({"probe_examples": "all"}).probe_examples == "all"
