@@ -24,6 +24,7 @@ frame of new inputs as the run scored its test split.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -292,6 +293,22 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
+def _router(table_path: Path, settings: dict[str, Any]) -> Callable[[pl.DataFrame], np.ndarray]:
+    """The exported router as a function of an input frame: the BM25 partition router or
+    the entity linker, over the names (and partitions) the export carries."""
+    table = read_table(table_path)
+    names, partition, k = table["name"].to_list(), table["partition"].to_numpy(), settings["k"]
+    if settings.get("router") == "bm25":
+        bm25 = PartitionRetriever(
+            partition_documents(names, partition, k), settings["bm25_temperature"]
+        )
+        return lambda frame: bm25.routes(input_text(frame))
+    linker = EntityLinker(names, settings["min_chars"])
+    return lambda frame: (
+        link_frame(frame, linker, partition, k)["route"].to_numpy().astype(np.float32)
+    )
+
+
 @dataclass
 class Predictor:
     """An exported model, ready to score new inputs of its task."""
@@ -303,26 +320,13 @@ class Predictor:
     runtime: Runtime
     path: Path
     candidate_encoder: torch.nn.Module | None = None  # the frozen base (bilinear head)
-    linker: Any = None  # a -prior mixture's router, built on first use
+    router: Callable[[pl.DataFrame], np.ndarray] | None = None  # a -prior mixture's
 
     def links(self, frame: pl.DataFrame) -> np.ndarray:
         """Each input's partition distribution, routed as the run routed its task."""
-        settings = self.meta["linker"]
-        k = settings["k"]
-        if self.linker is None:  # built once, reused by every call
-            table = read_table(self.path / "linker" / "entities.parquet")
-            partition = table["partition"].to_numpy()
-            if settings.get("router") == "bm25":
-                docs = partition_documents(table["name"].to_list(), partition, k)
-                self.linker = PartitionRetriever(docs, settings["bm25_temperature"])
-            else:
-                names = EntityLinker(table["name"].to_list(), settings["min_chars"])
-                self.linker = names, partition
-        if isinstance(self.linker, PartitionRetriever):
-            return self.linker.routes(input_text(frame))
-        linker, partition = self.linker
-        routes = link_frame(frame, linker, partition, k)["route"]
-        return routes.to_numpy().astype(np.float32)
+        if self.router is None:  # built once, reused by every call
+            self.router = _router(self.path / "linker" / "entities.parquet", self.meta["linker"])
+        return self.router(frame)
 
     def encode(self, frame: pl.DataFrame) -> EncodedSplit:
         kind = self.task.kind

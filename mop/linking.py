@@ -128,14 +128,14 @@ class PartitionRetriever:
         self.index = bm25s.BM25()
         tokens = bm25s.tokenize(list(documents), show_progress=False, return_ids=False)
         self.index.index(tokens, show_progress=False)
+        self.vocabulary = set(self.index.vocab_dict)
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
         """(n, K) BM25 scores of each text against each partition."""
-        tokens = bm25s.tokenize(list(texts), show_progress=False, return_ids=False)
         if not len(texts):
             return np.zeros((0, self.k), dtype=np.float32)
-        known = set(self.index.vocab_dict)
-        rows = [[w for w in t if w in known] for t in tokens]  # other words score nothing
+        tokens = bm25s.tokenize(list(texts), show_progress=False, return_ids=False)
+        rows = [[w for w in t if w in self.vocabulary] for t in tokens]  # others score 0
         zero = np.zeros(self.k)
         return np.stack([self.index.get_scores(t) if t else zero for t in rows]).astype(np.float32)
 

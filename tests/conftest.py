@@ -99,6 +99,22 @@ def small_partition(small_kg, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pair_probe_dir(small_kg, small_partition, tmp_path_factory) -> Path:
+    """The KG probe in pair form on the small graph (96 / 40 / 40 questions)."""
+    from mop.tasks.probe import prepare
+
+    out = tmp_path_factory.mktemp("probe_pair")
+    prepare(
+        small_kg,
+        small_partition,
+        out,
+        format="pair",
+        max_questions={"train": 96, "dev": 40, "test": 40},
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
 def small_tokens(small_kg, tiny_spec, tmp_path_factory) -> Path:
     from mop.pretrain import tokenize_kg
 

@@ -232,19 +232,6 @@ def test_same_seed_same_metrics_for_multi_label_and_choice(
     assert a["history"] != c["history"]
 
 
-@pytest.fixture(scope="module")
-def pair_probe_dir(small_kg, small_partition, tmp_path_factory):
-    out = tmp_path_factory.mktemp("probe_pair")
-    prepare(
-        small_kg,
-        small_partition,
-        out,
-        format="pair",
-        max_questions={"train": 96, "dev": 40, "test": 40},
-    )
-    return out
-
-
 @pytest.mark.parametrize("method", ["base", "mop", "oracle"])
 def test_bilinear_head_and_the_oracle_train(
     method, tiny_spec, tiny_adapters, pair_probe_dir, tmp_path

@@ -114,10 +114,26 @@ def test_ties_never_count_for_the_target():
     assert ranks.tolist() == [5.5, 5.5, 5.0]
 
 
-def test_probe_scores_are_fp32_under_bf16(small_kg, small_partition, small_tokens, tiny_spec):
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.cuda,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            ],
+        ),
+    ],
+)
+def test_probe_scores_are_fp32_under_bf16(
+    device, small_kg, small_partition, small_tokens, tiny_spec
+):
     """Two entities whose head rows differ by 0.1% tie in bf16 logits; the probe scores in
-    fp32, so under a bf16 runtime the better non-answer still ranks above the target."""
-    from mop.training import Runtime
+    fp32, so under a bf16 runtime (CPU autocast, or CUDA) the better non-answer still ranks
+    above the target."""
+    from mop.training import Runtime, resolve_device
 
     data = load_partition_data(small_tokens, small_partition, small_kg, 0)
     torch.manual_seed(0)
@@ -133,9 +149,11 @@ def test_probe_scores_are_fp32_under_bf16(small_kg, small_partition, small_token
         model.head.bias.zero_()
         model.head.weight[target] = vector / vector.norm() * 50
         model.head.weight[other] = model.head.weight[target] * 1.001
-    bf16 = Runtime(torch.device("cpu"), "bf16")
+    bf16 = Runtime(resolve_device(device), "bf16")
+    model.to(bf16.device)
+    ids, mask = (bf16.to_device(t) for t in data.seqs.pad(rows))
     with torch.no_grad(), bf16.forward_context():
-        logits = model(*data.seqs.pad(rows))
+        logits = model(ids, mask).float().cpu()
     assert logits[0, target] == logits[0, other]  # bf16 logits tie: the trap
     probe = knowledge_probe(model, data, rows, 0, runtime=bf16)
     assert probe["hits_at_1"] == 0.0 and probe["mrr"] == pytest.approx(0.5)
