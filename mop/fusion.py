@@ -29,6 +29,8 @@ from the KG entities it names):
   add nothing). At inference nothing about links is needed.
 - prior: `route_prior * log(q + 1/K)` is added to every token's scores over the adapters,
   in training and at inference (so inference needs the links too); unlinked inputs get 0.
+  `-prior-p<weight>` sets the weight in the name: at 1 the prior moves the argmax but
+  leaves the weights near uniform at K = 20; larger weights make it a near-hard route.
 - `-bm25` after either: q comes from the BM25 partition router (`mop.linking`: the words
   an input shares with each partition's entity names), which needs no entity linker.
 
@@ -46,6 +48,7 @@ these are the fixes.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -105,7 +108,8 @@ class MixtureConfig:
 def parse_mixture(name: str, defaults: MixtureConfig | None = None) -> MixtureConfig:
     """A mixture from its name: `softmax`, `gumbel`, `gumbel-t0.5` (tau), `moe`, `moe-k3`,
     each optionally followed by `-routed` (`-routed-w6`: routing loss weight 6, else
-    `route_loss`) and / or `-prior`, then optionally `-bm25` (the routes come from the
+    `route_loss`) and / or `-prior` (`-prior-p4`: log-prior weight 4, else `route_prior`),
+    then optionally `-bm25` (the routes come from the
     BM25 partition router of mop.linking instead of the entity linker; the grammar:
     mop.plan.MIXTURE).
 
@@ -127,8 +131,10 @@ def parse_mixture(name: str, defaults: MixtureConfig | None = None) -> MixtureCo
             out = replace(out, tau=float(part[1:]))
         elif kind == "moe" and part.startswith("k"):
             out = replace(out, top_k=int(part[1:]))
-        elif part.startswith("w"):  # -routed-w<weight>: the routing loss weight
+        elif re.fullmatch(r"w[0-9.]+", part):  # -routed-w<weight>: the routing loss weight
             out = replace(out, route_loss=float(part[1:]))
+        elif re.fullmatch(r"p[0-9.]+", part):  # -prior-p<weight>: the log-prior's weight
+            out = replace(out, route_prior=float(part[1:]))
     return out
 
 

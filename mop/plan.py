@@ -26,7 +26,10 @@ from mop.errors import MopError
 NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 TASKS = ("probe", "hoc", "pubmedqa", "bioasq7b", "bioasq8b", "mednli", "medqa")
 _NUMBER = r"[0-9]*\.?[0-9]+"
-MIXTURE = rf"(softmax|gumbel(-t{_NUMBER})?|moe(-k[0-9]+)?)(-routed(-w{_NUMBER})?)?(-prior)?(-bm25)?"
+MIXTURE = (
+    rf"(softmax|gumbel(-t{_NUMBER})?|moe(-k[0-9]+)?)"
+    rf"(-routed(-w{_NUMBER})?)?(-prior(-p{_NUMBER})?)?(-bm25)?"
+)
 SCHEME = r"metis|shuffle[0-9.]+"
 
 # What each field of a path may hold: Snakemake's wildcard constraints and the parser's.
@@ -217,15 +220,17 @@ def mixture_of(name: str) -> str:
     if not re.fullmatch(MIXTURE, name) or bm25_alone:
         raise MopError(
             f"mixture {name!r} is not softmax, gumbel[-t<tau>] or moe[-k<top k>], "
-            "optionally followed by -routed[-w<weight>] and / or -prior, then optionally "
-            "-bm25 (routes from the BM25 partition router instead of the entity linker)"
+            "optionally followed by -routed[-w<weight>] and / or -prior[-p<weight>], then "
+            "optionally -bm25 (routes from the BM25 partition router instead of the entity linker)"
         )
     return name
 
 
 def routed(mixture: str | None) -> bool:
     """Whether runs of this mixture read the task's links (`-routed`, `-prior`)."""
-    return bool(mixture) and bool(re.search(rf"-(routed(-w{_NUMBER})?|prior)(-bm25)?$", mixture))
+    return bool(mixture) and bool(
+        re.search(rf"-(routed(-w{_NUMBER})?|prior(-p{_NUMBER})?)(-bm25)?$", mixture)
+    )
 
 
 # Keys of `finetune` (and `tasks.<task>.finetune`) that one fine-tuning run reads, by method.
@@ -261,7 +266,11 @@ def mixture_keys(mixture: str) -> list[str]:
     """The `finetune` keys one mixture reads: a softmax run does not read the MoE keys."""
     mixture_of(mixture)
     parts = {"all", *mixture.split("-")}
-    own = {"route_loss"} if any(p.startswith("w") for p in parts) else set()  # -w<weight>
+    own = {  # -w<weight> and -p<weight>: the name's own weights
+        key
+        for key, tag in (("route_loss", "w"), ("route_prior", "p"))
+        if any(re.fullmatch(rf"{tag}{_NUMBER}", p) for p in parts)
+    }
     return [k for part, keys in MIXTURE_KEYS.items() if part in parts for k in keys if k not in own]
 
 

@@ -182,6 +182,16 @@ def test_bm25_mixture_names():
     assert mixture_keys("softmax-prior-bm25") == ["fusion_reg", "route_prior"]
     with pytest.raises(MopError, match="-bm25"):
         mixture_of("softmax-bm25")  # a router with nothing to route
+    # -prior-p<weight>: the run's own log-prior weight, so it does not read route_prior
+    m = parse_mixture("softmax-routed-w6-prior-p4-bm25")
+    assert (m.route_loss, m.route_prior, m.prior, m.router) == (6.0, 4.0, True, "bm25")
+    assert parse_mixture("softmax-prior").route_prior == 1.0
+    assert routed("softmax-prior-p0.5") and routed("moe-k1-prior-p10-bm25")
+    assert mixture_keys("softmax-prior-p4-bm25") == ["fusion_reg"]
+    assert mixture_keys("softmax-routed-prior-p4") == ["fusion_reg", "route_loss"]
+    for bad in ("softmax-p4", "softmax-routed-p4", "softmax-prior-p", "softmax-prior-w4"):
+        with pytest.raises(MopError, match="-prior"):
+            mixture_of(bad)
 
 
 def test_route_loss_is_the_cross_entropy_of_the_token_mean():
