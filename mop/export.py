@@ -58,9 +58,9 @@ from mop.linking import (
     partition_documents,
 )
 from mop.models import ModelSpec, load_base_model, load_tokenizer
+from mop.runtime import Runtime
 from mop.tasks import TaskSpec, get_task
 from mop.tasks.encode import EncodedSplit, encode_frame, split_from_tokens
-from mop.training import Runtime
 
 FORMAT = 1
 LICENCES = {

@@ -11,7 +11,7 @@ Methods:
   (softmax AdapterFusion, Gumbel-softmax or sparse MoE), everything trained (paper 2.3);
 - `oracle` (KG probe control): each example through its own partition's adapter only.
 
-The loop (`finetune`, on the shared runtime of mop.training): AdamW (weight decay 0.01
+The loop (`finetune`, in the loop pretraining shares: mop.training.Loop): AdamW (weight decay 0.01
 except bias/LayerNorm; separate learning rates for base model, adapters, fusion and head),
 linear schedule with warmup, gradient accumulation and clipping, dev evaluation after every
 epoch (one log line each), early stopping with patience, best-on-dev weights restored for
@@ -25,7 +25,6 @@ best model as safetensors.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,32 +37,20 @@ from safetensors.torch import save_model
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from mop.batching import bucketed_batches, sequential_batches
-from mop.errors import MopError, Preempted
+from mop.batching import sequential_batches
+from mop.checkpoint import Checkpoint, file_digest, fingerprint, trainable_state
+from mop.errors import MopError
 from mop.fusion import MixtureConfig, add_mixture, mixture_aux_loss, mixtures, set_context
 from mop.io import atomic_path, write_json, write_parquet
 from mop.linking import read_links
 from mop.log import log
 from mop.models import ModelSpec, load_base_model, load_tokenizer
 from mop.partition import fact_partitions, read_membership
+from mop.runtime import Runtime, evaluating, seed_all
 from mop.tasks import SPLITS, TaskSpec
 from mop.tasks.encode import EncodedSplit, load_split
 from mop.tracking import Tracker
-from mop.training import (
-    Checkpoint,
-    Runtime,
-    StopSignal,
-    accumulate,
-    check_finite,
-    evaluating,
-    file_digest,
-    fingerprint,
-    optimizer_step,
-    param_groups,
-    seed_all,
-    share,
-    trainable_state,
-)
+from mop.training import Loop, LoopState, param_groups, share
 
 POOLINGS = ("cls", "mean", "pooler")
 
@@ -112,6 +99,17 @@ class FinetuneConfig:
 # Settings that change how a run executes, not what it computes: a checkpoint written
 # under other values still resumes.
 EXECUTION_KEYS = ("grad_accum", "eval_batch_size", "checkpoint_every", "save_model", "eval_train")
+
+
+@dataclass
+class FinetuneState(LoopState):
+    """The loop's state and early stopping's: the best dev score so far, its epoch and
+    dev probabilities (the final dev metrics are that epoch's own), epochs without gain."""
+
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    best_dev: list | None = None
+    stale: int = 0
 
 
 def execution_keys(cfg: FinetuneConfig) -> tuple[str, ...]:
@@ -638,6 +636,116 @@ def run_fingerprint(
     return fingerprint(settings, *parts)
 
 
+@dataclass
+class DevSelection:
+    """The loop's after-epoch hook: evaluate on dev, log and track the epoch, keep the
+    best weights (`best`, checkpointed as the kept state), stop once `patience` epochs
+    in a row bring no gain."""
+
+    model: Classifier
+    task: TaskSpec
+    dev: EncodedSplit
+    cfg: FinetuneConfig
+    pad_id: int
+    rt: Runtime
+    name: str
+    tracker: Tracker | None = None
+    best: dict[str, torch.Tensor] | None = None
+
+    def kept(self, state: FinetuneState) -> tuple[int, dict[str, torch.Tensor] | None]:
+        return state.best_epoch, self.best
+
+    def __call__(self, state: FinetuneState, train_loss: float) -> bool:
+        task, cfg = self.task, self.cfg
+        probs, _, _ = predict(
+            self.model, task, self.dev, self.pad_id, cfg.eval_batch_size, runtime=self.rt
+        )
+        dev_metrics, _ = evaluate(task, self.dev, probs)
+        entry = {
+            "epoch": state.epoch,
+            "step": state.step,
+            "train_loss": train_loss,
+            **{f"dev_{k}": v for k, v in dev_metrics.items()},
+        }
+        state.history.append(entry)
+        improved = dev_metrics[task.main_metric] > state.best_score
+        if improved:
+            state.best_score, state.best_epoch = dev_metrics[task.main_metric], state.epoch
+            state.best_dev, state.stale = probs.tolist(), 0
+            self.best = trainable_state(self.model)
+        else:
+            state.stale += 1
+        speed = state.examples_per_s
+        log(
+            f"finetune {self.name} epoch {state.epoch + 1}/{cfg.epochs}: train loss "
+            f"{train_loss:.4f}, "
+            + ", ".join(f"dev {k} {v:.4f}" for k, v in dev_metrics.items())
+            + f"{' (best)' if improved else ''}, {speed:.1f} examples/s"
+        )
+        if self.tracker:
+            metrics = {k: v for k, v in entry.items() if k != "epoch"}
+            self.tracker.log_metrics(metrics | {"examples_per_s": speed}, state.epoch)
+        return state.stale >= cfg.patience
+
+
+@dataclass
+class FinetuneResult:
+    """What a run produced. `save` writes it with metrics.json last, so a folder that has
+    metrics is complete; the model (best weights) and its record only with save_model."""
+
+    metrics: dict[str, Any]
+    predictions: pl.DataFrame  # per example and split, for significance tests
+    mixture: pl.DataFrame | None  # MoP: the test split's mixture weights
+    model: Classifier | None
+    record: dict[str, Any]
+
+    def save(self, out: Path) -> None:
+        write_parquet(self.predictions, out / "predictions.parquet")
+        if self.mixture is not None:
+            write_parquet(self.mixture, out / "mixture.parquet")
+        if self.model is not None:
+            self.model.cpu()
+            with atomic_path(out / "model.safetensors") as tmp:
+                save_model(self.model, str(tmp))
+            write_json(self.record, out / "model.json")
+        write_json(self.metrics, out / "metrics.json")
+
+
+def final_evaluation(
+    model: Classifier,
+    task: TaskSpec,
+    data: dict[str, EncodedSplit],
+    state: FinetuneState,
+    cfg: FinetuneConfig,
+    pad_id: int,
+    fusion_name: str | None,
+    rt: Runtime,
+) -> tuple[dict[str, dict], list[pl.DataFrame], pl.DataFrame | None]:
+    """Each split's metrics and per-example frame under the best weights, and the test
+    split's mixture weights (MoP runs); dev is the best epoch's own pass, not a new one."""
+    results: dict[str, dict] = {}
+    frames, mixture = [], None
+    for s in SPLITS:
+        if s == "train" and not cfg.eval_train:
+            continue
+        if s == "dev":
+            probs, mix, mean_mix = np.asarray(state.best_dev, dtype=np.float32), None, None
+        else:
+            fusion = fusion_name if s == "test" else None
+            probs, mix, mean_mix = predict(
+                model, task, data[s], pad_id, cfg.eval_batch_size, fusion, rt
+            )
+        metrics, frame = evaluate(task, data[s], probs)
+        if mix is not None:
+            mixture = mixture_frame(data[s], mix, mean_mix)
+            metrics |= routing_diagnostics(data[s], mean_mix, data[s].links)
+        if data[s].links is not None:
+            metrics |= linking_diagnostics(task, data[s], frame)
+        results[s] = metrics
+        frames.append(frame.with_columns(split=pl.lit(s)))
+    return results, frames, mixture
+
+
 def finetune(
     spec: ModelSpec,
     task: TaskSpec,
@@ -694,171 +802,63 @@ def finetune(
     def loss_of(micro: np.ndarray, batch: np.ndarray) -> torch.Tensor:
         return batch_loss(model, forward, task, train, micro, batch, cfg, rt, pad_id)
 
-    ckpt = Checkpoint(out / "checkpoint", run_fingerprint(spec, method, adapter_dirs, data, cfg))
-    state: dict[str, Any] = {
-        "step": 0,
-        "epoch": 0,
-        "batch": 0,
-        "loss_sum": 0.0,  # this epoch's summed batch losses so far
-        "history": [],
-        "best_score": -math.inf,
-        "best_epoch": -1,
-        "best_dev": None,  # the best epoch's dev probabilities
-        "stale": 0,
-        "examples": 0,
-        "seconds": 0.0,
-    }
-    best_weights: dict[str, torch.Tensor] | None = None
-    resumed = ckpt.load(model, optimizer, scheduler)
-    if resumed is not None:
-        state, best_weights = resumed.position, resumed.kept
-        log(f"finetune {out.name}: resuming from step {state['step']} ({ckpt.folder})")
+    selection = DevSelection(model, task, data["dev"], cfg, pad_id, rt, out.name, tracker)
+    loop = Loop(
+        f"finetune {out}",
+        model,
+        optimizer,
+        scheduler,
+        Checkpoint(out / "checkpoint", run_fingerprint(spec, method, adapter_dirs, data, cfg)),
+        loss_of,
+        train.lengths,
+        cfg.batch_size,
+        cfg.seed,
+        cfg.epochs,
+        total,
+        grad_accum=cfg.grad_accum,
+        max_grad_norm=cfg.max_grad_norm,
+        checkpoint_every=cfg.checkpoint_every,
+        after_epoch=selection,
+        kept=selection.kept,
+    )
+    state, selection.best = loop.resume(FinetuneState())
+    state = loop.run(state)
 
-    def save(stop: StopSignal) -> None:
-        ckpt.save(
-            model,
-            optimizer,
-            scheduler,
-            state,
-            kept=(lambda: best_weights) if best_weights is not None else None,
-            kept_tag=state["best_epoch"],
-        )
-        if stop.requested:
-            raise Preempted(
-                f"finetune {out}: stopped by SIGTERM at step {state['step']}; the checkpoint "
-                "holds it, run the same command again to resume"
-            )
-
-    with StopSignal() as stop:
-        while state["epoch"] < cfg.epochs and state["stale"] < cfg.patience:
-            epoch = state["epoch"]
-            model.train()
-            batches = bucketed_batches(train.lengths, cfg.batch_size, cfg.seed, epoch)
-            loss_sum = torch.tensor(state["loss_sum"], device=rt.device)
-            bar = tqdm(
-                total=len(batches),
-                initial=state["batch"],
-                desc=f"finetune {out.name} epoch {epoch}",
-                mininterval=5,
-            )
-            for b in range(state["batch"], len(batches)):
-                tick = time.perf_counter()
-                loss = accumulate(batches[b], cfg.grad_accum, loss_of)
-                check_finite(loss, f"finetune {out}", state["step"] + 1, ckpt)
-                optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
-                loss_sum += loss
-                state["step"] += 1
-                state["batch"] = b + 1
-                state["examples"] += batches[b].size
-                state["seconds"] += time.perf_counter() - tick
-                bar.update(1)
-                if stop.requested or (
-                    cfg.checkpoint_every
-                    and state["step"] % cfg.checkpoint_every == 0
-                    and b + 1 < len(batches)
-                ):
-                    state["loss_sum"] = float(loss_sum)
-                    save(stop)
-            bar.close()
-
-            dev_probs, _, _ = predict(
-                model, task, data["dev"], pad_id, cfg.eval_batch_size, runtime=rt
-            )
-            dev_metrics, _ = evaluate(task, data["dev"], dev_probs)
-            score = dev_metrics[task.main_metric]
-            entry = {
-                "epoch": epoch,
-                "step": state["step"],
-                "train_loss": float(loss_sum) / max(len(batches), 1),
-                **{f"dev_{k}": v for k, v in dev_metrics.items()},
-            }
-            state["history"].append(entry)
-            improved = score > state["best_score"]
-            if improved:
-                state.update(best_score=score, best_epoch=epoch, best_dev=dev_probs.tolist())
-                state["stale"] = 0
-                best_weights = trainable_state(model)
-            else:
-                state["stale"] += 1
-            speed = state["examples"] / max(state["seconds"], 1e-9)
-            log(
-                f"finetune {out.name} epoch {epoch + 1}/{cfg.epochs}: train loss "
-                f"{entry['train_loss']:.4f}, "
-                + ", ".join(f"dev {k} {v:.4f}" for k, v in dev_metrics.items())
-                + f"{' (best)' if improved else ''}, {speed:.1f} examples/s"
-            )
-            if tracker:
-                tracker.log_metrics(
-                    {k: v for k, v in entry.items() if k != "epoch"} | {"examples_per_s": speed},
-                    epoch,
-                )
-            state.update(epoch=epoch + 1, batch=0, loss_sum=0.0)
-            save(stop)
-
-    history = state["history"]
-    if best_weights is None:
+    history = state.history
+    if selection.best is None:
         raise MopError(f"finetune {out}: no epoch was evaluated (epochs = {cfg.epochs})")
-    model.load_state_dict(best_weights, strict=False)
-    results: dict[str, Any] = {}
-    frames = []
-    mixture = None
-    for s in SPLITS:
-        if s == "train" and not cfg.eval_train:
-            continue
-        if s == "dev":  # the best epoch's own dev pass: the same weights, the same probs
-            probs, mix, mean_mix = np.asarray(state["best_dev"], dtype=np.float32), None, None
-        else:
-            probs, mix, mean_mix = predict(
-                model,
-                task,
-                data[s],
-                pad_id,
-                cfg.eval_batch_size,
-                fusion_name if s == "test" else None,
-                rt,
-            )
-        metrics, frame = evaluate(task, data[s], probs)
-        if mix is not None:
-            mixture = mixture_frame(data[s], mix, mean_mix)
-            metrics |= routing_diagnostics(data[s], mean_mix, data[s].links)
-        if data[s].links is not None:
-            metrics |= linking_diagnostics(task, data[s], frame)
-        results[s] = metrics
-        frames.append(frame.with_columns(split=pl.lit(s)))
+    model.load_state_dict(selection.best, strict=False)
+    results, frames, mixture = final_evaluation(
+        model, task, data, state, cfg, pad_id, fusion_name, rt
+    )
     metrics = {
         "task": task.name,
         "method": method,
         "seed": cfg.seed,
         "main_metric": task.main_metric,
-        "best_epoch": state["best_epoch"],
+        "best_epoch": state.best_epoch,
         "epochs_run": len(history),
-        "steps": state["step"],
-        "examples_per_s": state["examples"] / max(state["seconds"], 1e-9),
-        "train_seconds": state["seconds"],
+        "steps": state.step,
+        "examples_per_s": state.examples_per_s,
+        "train_seconds": state.seconds,
         **{f"{s}_{k}": v for s, m in results.items() for k, v in m.items()},
         "history": history,
         "config": asdict(cfg),
         "runtime": rt.describe() | {"peak_memory_mb": rt.peak_memory_mb()},
     }
-    write_parquet(pl.concat(frames), out / "predictions.parquet")
-    if mixture is not None:
-        write_parquet(mixture, out / "mixture.parquet")
-    if cfg.save_model:
-        model.cpu()
-        with atomic_path(out / "model.safetensors") as tmp:
-            save_model(model, str(tmp))
-        # What `mop export` needs to rebuild the model around these weights.
-        record = {
-            "task": task.name,
-            "method": method,
-            "model": asdict(spec),
-            "adapters": [str(Path(d).resolve()) for d in adapter_dirs],
-            "finetune": asdict(cfg),
-            "links": str(Path(links).resolve()) if routed and links is not None else None,
-        }
-        write_json(record, out / "model.json")
-    write_json(metrics, out / "metrics.json")
-    ckpt.remove()
+    record = {  # what `mop export` needs to rebuild the model around its weights
+        "task": task.name,
+        "method": method,
+        "model": asdict(spec),
+        "adapters": [str(Path(d).resolve()) for d in adapter_dirs],
+        "finetune": asdict(cfg),
+        "links": str(Path(links).resolve()) if routed and links is not None else None,
+    }
+    result = FinetuneResult(
+        metrics, pl.concat(frames), mixture, model if cfg.save_model else None, record
+    )
+    result.save(out)
+    loop.checkpoint.remove()
     if tracker:
         tracker.log_metrics(
             {f"{s}_{k}": v for s, m in results.items() for k, v in m.items()}, len(history)

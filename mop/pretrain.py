@@ -9,9 +9,10 @@ examples are added, as in the original code's option.
 The KG is tokenized once per (KG, tokenizer) into `tokens.parquet`, shared by all K jobs:
 entity and relation names are tokenized once each and concatenated, so SNOMED-size graphs
 tokenize in seconds. The two names are a sentence pair: the relation (or, backwards, the
-entity) is segment 1, as in the fine-tuning of pair tasks. The loop runs on the shared
-runtime (mop.training): device, precision, gradient accumulation, checkpoints (adapter,
-head, optimizer, scheduler, RNG states, position in the data); a killed job started again
+entity) is segment 1, as in the fine-tuning of pair tasks. It trains in the loop
+fine-tuning shares (mop.training.Loop, on mop.runtime): device, precision, gradient
+accumulation, checkpoints (adapter, head, optimizer, scheduler, RNG states, position in
+the data); a killed job started again
 resumes where it stopped and, on CPU with the same seed, ends with the same adapter as an
 uninterrupted run.
 """
@@ -34,27 +35,16 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from mop.batching import Sequences, bucketed_batches, sequential_batches
-from mop.errors import MopError, Preempted
+from mop.batching import Sequences, sequential_batches
+from mop.checkpoint import Checkpoint, fingerprint
+from mop.errors import MopError
 from mop.io import atomic_dir, atomic_path, read_json, require_file, write_json
 from mop.kg import KnowledgeGraph, read_kg, read_table
-from mop.log import log
 from mop.models import ModelSpec, load_base_model, load_tokenizer
 from mop.partition import MEMBERSHIP_SCHEMA
+from mop.runtime import Runtime, evaluating, seed_all
 from mop.tracking import Tracker
-from mop.training import (
-    Checkpoint,
-    Runtime,
-    StopSignal,
-    accumulate,
-    check_finite,
-    evaluating,
-    fingerprint,
-    optimizer_step,
-    param_groups,
-    seed_all,
-    share,
-)
+from mop.training import Loop, LoopState, param_groups, share
 from mop.vectors import name_vectors
 
 MAX_RELATION_TOKENS = 16
@@ -471,7 +461,6 @@ def pretrain_partition(
     forward = rt.prepare(model)
 
     train_rows = np.flatnonzero(~data.heldout)
-    lengths = data.seqs.lengths[train_rows]
     steps_per_epoch = math.ceil(train_rows.size / cfg.batch_size)
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
     if cfg.max_steps is not None:
@@ -486,62 +475,35 @@ def pretrain_partition(
         inputs = rt.batch(data.seqs.batch(rows, pad_id))
         return entity_loss(forward, inputs, labels, rt) * share(rows, batch)
 
-    ckpt = Checkpoint(out / "checkpoint", run_fingerprint(spec, data, cfg))
-    state: dict[str, Any] = {
-        "step": 0,
-        "epoch": 0,
-        "batch": 0,
-        "history": [],
-        "examples": 0,
-        "seconds": 0.0,
-    }
-    resumed = ckpt.load(model, optimizer, scheduler)
-    if resumed is not None:
-        state = resumed.position
-        log(f"pretrain {out.name}: resuming from step {state['step']} ({ckpt.folder})")
-    history: list[list[float]] = state["history"]
-    bar = tqdm(total=total_steps, initial=state["step"], desc=f"pretrain {out.name}", mininterval=5)
-    model.train()
-    with StopSignal() as stop:
-        while state["step"] < total_steps:
-            batches = bucketed_batches(lengths, cfg.batch_size, cfg.seed, state["epoch"])
-            for b in range(state["batch"], len(batches)):
-                tick = time.perf_counter()
-                rows = train_rows[batches[b]]
-                loss = accumulate(rows, cfg.grad_accum, loss_of)
-                check_finite(loss, f"pretrain {out}", state["step"] + 1, ckpt)
-                optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
-                state["step"] += 1
-                state["examples"] += rows.size
-                state["seconds"] += time.perf_counter() - tick
-                step = state["step"]
-                done_epoch = b + 1 == len(batches)
-                state["epoch"] += done_epoch
-                state["batch"] = 0 if done_epoch else b + 1
-                bar.update(1)
-                if step % cfg.log_every == 0 or step == total_steps:
-                    lr = scheduler.get_last_lr()[0]
-                    speed = state["examples"] / max(state["seconds"], 1e-9)
-                    history.append([step, loss.item(), lr, speed])
-                    if tracker:
-                        tracker.log_metrics(
-                            {"loss": history[-1][1], "lr": lr, "examples_per_s": speed}, step
-                        )
-                if (
-                    stop.requested
-                    or step % cfg.checkpoint_every == 0
-                    or done_epoch
-                    or step == total_steps
-                ):
-                    ckpt.save(model, optimizer, scheduler, state)
-                    if stop.requested:
-                        raise Preempted(
-                            f"pretrain {out}: stopped by SIGTERM at step {step}; the "
-                            "checkpoint holds it, run the same command again to resume"
-                        )
-                if step >= total_steps or done_epoch:
-                    break
-    bar.close()
+    def after_step(state: LoopState, loss: torch.Tensor) -> None:
+        if state.step % cfg.log_every == 0 or state.step == total_steps:
+            lr, speed = scheduler.get_last_lr()[0], state.examples_per_s
+            state.history.append([state.step, loss.item(), lr, speed])
+            if tracker:
+                tracker.log_metrics(
+                    {"loss": loss.item(), "lr": lr, "examples_per_s": speed}, state.step
+                )
+
+    loop = Loop(
+        f"pretrain {out}",
+        model,
+        optimizer,
+        scheduler,
+        Checkpoint(out / "checkpoint", run_fingerprint(spec, data, cfg)),
+        loss_of,
+        data.seqs.lengths[train_rows],
+        cfg.batch_size,
+        cfg.seed,
+        cfg.epochs,
+        total_steps,
+        rows=train_rows,
+        grad_accum=cfg.grad_accum,
+        max_grad_norm=cfg.max_grad_norm,
+        checkpoint_every=cfg.checkpoint_every,
+        after_step=after_step,
+    )
+    state = loop.run(loop.resume(LoopState())[0])
+    history = state.history
 
     tick = time.perf_counter()
     sample = probe_rows(train_rows, cfg.probe_examples, cfg.seed)
@@ -551,10 +513,10 @@ def pretrain_partition(
         probe["heldout"] = knowledge_probe(model, data, held, pad_id, cfg.eval_batch_size, rt)
     probe_seconds = time.perf_counter() - tick
     metrics = {
-        "steps": state["step"],
-        "examples_seen": state["examples"],
-        "train_seconds": state["seconds"],
-        "examples_per_s": state["examples"] / max(state["seconds"], 1e-9),
+        "steps": state.step,
+        "examples_seen": state.examples,
+        "train_seconds": state.seconds,
+        "examples_per_s": state.examples_per_s,
         "final_loss": history[-1][1] if history else None,
         "entities": data.num_entities,
         "train_examples": int(train_rows.size),
@@ -565,12 +527,12 @@ def pretrain_partition(
             {"step": s, "loss": lo, "lr": lr, "examples_per_s": eps} for s, lo, lr, eps in history
         ],
     }
-    fp = ckpt.fingerprint
+    fp = loop.checkpoint.fingerprint
     save_outputs(model, out, adapter_name, metrics, cfg, spec, fp, source)
-    ckpt.remove()
+    loop.checkpoint.remove()
     if tracker:
         flat = {f"{split}_{k}": v for split, m in probe.items() for k, v in m.items()}
-        tracker.log_metrics(flat | {"train_seconds": state["seconds"]}, state["step"])
+        tracker.log_metrics(flat | {"train_seconds": state.seconds}, state.step)
         tracker.log_artifact(out / "metrics.json")
         tracker.log_artifact(out / "card.json")
     return metrics

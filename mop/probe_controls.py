@@ -29,8 +29,8 @@ from mop.kg import read_kg, read_table
 from mop.models import ModelSpec, load_base_model, load_tokenizer
 from mop.partition import MEMBERSHIP_SCHEMA
 from mop.pretrain import load_entity_predictor
+from mop.runtime import Runtime, evaluating
 from mop.tasks import SPLITS
-from mop.training import Runtime, evaluating
 from mop.vectors import name_vectors
 
 

@@ -201,7 +201,7 @@ class SystemWatcher(threading.Thread):
 def dataset_record(path: str | Path, name: str, context: str) -> dict[str, Any]:
     """What MLflow's dataset lineage holds of a file: name, digest, source and, for a
     Parquet table, its columns."""
-    from mop.training import file_digest
+    from mop.checkpoint import file_digest
 
     path = Path(path).resolve()
     schema = ""

@@ -10,7 +10,7 @@ import polars as pl
 import torch
 
 from mop.batching import Sequences, sequential_batches
-from mop.training import Runtime, evaluating
+from mop.runtime import Runtime, evaluating
 
 
 def raw_name_vectors(

@@ -22,8 +22,8 @@ from mop.pretrain import (
     load_partition_data,
     pretrain_partition,
 )
+from mop.runtime import Runtime
 from mop.tasks import get_task
-from mop.training import Runtime
 
 pytestmark = [
     pytest.mark.cuda,

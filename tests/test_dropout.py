@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from transformers import BertConfig, BertModel
 
 from mop.dropout import LANES, CpuDropout, _Masked, attention, dropout, keep_mask
-from mop.training import Runtime
+from mop.runtime import Runtime
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])

@@ -98,7 +98,7 @@ def test_every_method_trains_and_writes_its_outputs(
     from safetensors.torch import load_file
 
     from mop.finetune import model_part
-    from mop.training import seed_all
+    from mop.runtime import seed_all
 
     seed_all(cfg.seed)
     start, _ = build_classifier(tiny_spec, TASK, method, adapters, cfg)
@@ -511,7 +511,7 @@ def replace_cfg(cfg, **changes):
 
 def test_bf16_autocast_path_runs_on_the_cpu(tiny_spec, tiny_adapters, probe_dir, tmp_path):
     """The precision path a GPU takes, exercised on the CPU: same outputs, bf16 recorded."""
-    from mop.training import Runtime
+    from mop.runtime import Runtime
 
     cfg = FinetuneConfig(epochs=1, batch_size=8, lr=5e-4, seed=0, save_model=False)
     m = finetune(
@@ -537,7 +537,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @cuda
 @pytest.mark.parametrize("method", ["base", "mop", "oracle"])
 def test_fine_tuning_runs_on_cuda(method, tiny_spec, tiny_adapters, pair_probe_dir, tmp_path):
-    from mop.training import Runtime
+    from mop.runtime import Runtime
 
     cfg = FinetuneConfig(epochs=2, batch_size=8, lr=5e-4, lr_head=1e-2, head="bilinear")
     rt = Runtime.create("cuda", "auto")

@@ -133,7 +133,7 @@ def test_probe_scores_are_fp32_under_bf16(
     """Two entities whose head rows differ by 0.1% tie in bf16 logits; the probe scores in
     fp32, so under a bf16 runtime (CPU autocast, or CUDA) the better non-answer still ranks
     above the target."""
-    from mop.training import Runtime, resolve_device
+    from mop.runtime import Runtime, resolve_device
 
     data = load_partition_data(small_tokens, small_partition, small_kg, 0)
     torch.manual_seed(0)
@@ -333,7 +333,7 @@ def test_compiled_training_runs_on_the_cpu(
     a minute or more to compile). Its dropout draws from another generator, so the check
     is that gradients flow through the compiled forward and the adapter trains, not that
     it matches the eager run bit for bit."""
-    from mop.training import Runtime, seed_all
+    from mop.runtime import Runtime, seed_all
 
     data = load_partition_data(small_tokens, small_partition, small_kg, 0)
     cfg = PretrainConfig(epochs=1, lr=1e-3, batch_size=32, max_steps=4, log_every=1)

@@ -448,8 +448,9 @@ def test_gradient_accumulation_and_every_mixture(
     from mop.fusion import parse_mixture
     from mop.linking import read_links
     from mop.models import load_tokenizer
+    from mop.runtime import Runtime
     from mop.tasks.encode import load_split
-    from mop.training import Runtime, accumulate
+    from mop.training import accumulate
 
     torch.manual_seed(0)  # the same weights whichever tests ran before
     cfg = FinetuneConfig(mixture=parse_mixture(name))

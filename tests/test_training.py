@@ -11,20 +11,12 @@ import pytest
 import torch
 from transformers import get_linear_schedule_with_warmup
 
+from mop.checkpoint import Checkpoint, StopSignal
 from mop.errors import MopError
 from mop.finetune import FinetuneConfig, _param_groups, build_classifier, task_loss
+from mop.runtime import Runtime, resolve_device
 from mop.tasks import get_task
-from mop.training import (
-    Checkpoint,
-    Runtime,
-    StopSignal,
-    accumulate,
-    micro_batches,
-    optimizer_step,
-    param_groups,
-    resolve_device,
-    share,
-)
+from mop.training import accumulate, micro_batches, optimizer_step, param_groups, share
 
 TASK = get_task("probe")
 
@@ -214,8 +206,81 @@ def test_sigterm_only_asks_the_loop_to_stop():
 def test_freed_memory_is_kept_where_glibc_allows_it():
     import platform
 
-    from mop.training import keep_freed_memory
+    from mop.runtime import keep_freed_memory
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc's mallopt only")
     assert keep_freed_memory() is True
+
+
+def _loop(folder, **hooks):
+    """A toy regression trained by `Loop`: 10 examples, batches of 3 (4 per epoch)."""
+    from mop.training import Loop
+
+    model, opt, sched = _toy()
+    x, y = torch.randn(10, 4, generator=torch.Generator().manual_seed(1)), torch.zeros(10, 2)
+
+    def loss_of(micro, batch):
+        return ((model(x[micro]) - y[micro]) ** 2).mean() * share(micro, batch)
+
+    lengths = np.arange(10) % 3 + 1
+    return Loop(
+        "toy",
+        model,
+        opt,
+        sched,
+        Checkpoint(folder, "fp"),
+        loss_of,
+        lengths,
+        3,
+        0,
+        epochs=3,
+        total_steps=12,
+        checkpoint_every=2,
+        **hooks,
+    )
+
+
+def test_the_loop_resumes_where_it_stopped_and_hooks_stop_it(tmp_path):
+    from mop.errors import Preempted
+    from mop.training import LoopState
+
+    whole = _loop(tmp_path / "a")
+    done = whole.run(LoopState())
+    assert (done.step, done.epoch, done.batch, done.examples) == (12, 3, 0, 30)
+
+    class Stop(Exception):
+        pass
+
+    def killed(state, loss):  # dies after the checkpoint of step 6, before it is saved again
+        if state.step == 7:
+            raise Stop
+
+    with pytest.raises(Stop):
+        _loop(tmp_path / "b", after_step=killed).run(LoopState())
+    again = _loop(tmp_path / "b")
+    state, _ = again.resume(LoopState())
+    assert (state.step, state.epoch, state.batch) == (6, 1, 2)
+    assert again.run(state).step == 12
+    for p, q in zip(whole.model.parameters(), again.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+    losses = []
+
+    def after_epoch(state, train_loss):
+        losses.append(train_loss)
+        return len(losses) == 2  # early stopping after the second epoch
+
+    stopped = _loop(tmp_path / "c", after_epoch=after_epoch).run(LoopState())
+    assert (stopped.step, stopped.epoch, stopped.finished) == (8, 2, True)
+    assert losses[1] < losses[0]
+    resumed, _ = _loop(tmp_path / "c").resume(LoopState())
+    assert resumed.finished and resumed.step == 8  # a finished run does not train again
+
+    def sigterm(state, loss):
+        if state.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted, match="toy: stopped by SIGTERM at step 3"):
+        _loop(tmp_path / "d", after_step=sigterm).run(LoopState())
+    assert _loop(tmp_path / "d").resume(LoopState())[0].step == 3

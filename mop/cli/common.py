@@ -63,7 +63,7 @@ def add_experiment(p: argparse.ArgumentParser) -> None:
 
 def runtime(args: argparse.Namespace) -> Any:
     """The training runtime from the flags, logged on one line."""
-    from mop.training import Runtime
+    from mop.runtime import Runtime
 
     rt = Runtime.create(args.device, args.precision, args.threads, args.compile)
     log(", ".join(f"{k} {v}" for k, v in rt.describe().items()))

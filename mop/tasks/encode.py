@@ -22,12 +22,12 @@ import polars as pl
 import torch
 
 from mop.batching import Sequences
+from mop.checkpoint import file_digest
 from mop.errors import MopError
 from mop.io import read_json, write_json, write_parquet
 from mop.kg import read_table
 from mop.models import ModelSpec, load_tokenizer
 from mop.tasks import SPLITS
-from mop.training import file_digest
 
 ENCODING = "encoding.json"
 
