@@ -4,7 +4,7 @@ the MoP model at BERT-base size on a GPU (--gpu).
 CPU section (default). Both sides fine-tune the embedded all-MiniLM-L6-v2 (method `base`,
 a 3-class linear head on [CLS] for PubMedQA's yes / no / maybe) in this process, on the
 same examples, for the same number of optimizer steps (one pass, batch size 8), with the
-same AdamW parameter groups (mop.finetune._param_groups: lr 1e-5, weight decay 0.01, none
+same AdamW parameter groups (mop.finetune.classifier_groups: lr 1e-5, weight decay 0.01, none
 on bias / LayerNorm), the same linear schedule (10% warmup), the same initial weights, in
 fp32 with the same number of threads; PubMedQA's settings of config/paper.yaml
 (max_length 512):
@@ -14,7 +14,7 @@ fp32 with the same number of threads; PubMedQA's settings of config/paper.yaml
   `mop encode` writes; its time is reported as `ours_tokenize_s`, outside the rate, since
   the workflow tokenizes a task once for all its runs); length-bucketed batches padded to
   the batch's longest example (bucketed_batches); input_ids, attention_mask and
-  token_type_ids through mop.finetune._inputs; Runtime + accumulate + optimizer_step; the
+  token_type_ids through mop.finetune.batch_inputs; Runtime + accumulate + optimizer_step; the
   model as mop.finetune.build_classifier builds it (transformers' default attention,
   SDPA); the forward in Runtime.forward_context, so dropout masks come from mop.dropout
   (16-bit lanes of the seeded generator) instead of PyTorch's serial Bernoulli sampler;
@@ -120,9 +120,9 @@ from mop.batching import Sequences, bucketed_batches
 from mop.finetune import (
     Classifier,
     FinetuneConfig,
-    _inputs,
-    _param_groups,
+    batch_inputs,
     build_classifier,
+    classifier_groups,
     task_loss,
 )
 from mop.fusion import MixtureConfig, add_mixture
@@ -216,12 +216,12 @@ class Ours:
         forward = rt.prepare(model)
         model.train()
         self.batches = bucketed_batches(split.lengths, cfg.batch_size, cfg.seed, 0)
-        opt = rt.optimizer(_param_groups(model, cfg))
+        opt = rt.optimizer(classifier_groups(model, cfg))
         sched = schedule(opt, cfg, len(self.batches))
 
         def loss_of(micro: np.ndarray, batch: np.ndarray) -> torch.Tensor:
             with rt.forward_context():
-                logits, _ = forward(**_inputs(split, micro, pad_id, rt))
+                logits, _ = forward(**batch_inputs(split, micro, pad_id, rt))
             labels = rt.to_device(torch.from_numpy(split.labels[micro]))
             return task_loss(SPEC, logits, labels) * share(micro, batch)
 
@@ -280,7 +280,7 @@ class Baseline:
             shuffle=True,
             generator=torch.Generator().manual_seed(cfg.seed),
         )
-        opt = torch.optim.AdamW(_param_groups(model, cfg))
+        opt = torch.optim.AdamW(classifier_groups(model, cfg))
         sched = schedule(opt, cfg, len(loader))
         batches = iter(loader)
 
@@ -565,7 +565,7 @@ def trainer(model: Classifier, rt: Runtime, total_steps: int):
     value regulariser, accumulate, optimizer_step. Returns step(batch) -> loss (on device)."""
     forward = rt.prepare(model)
     model.train()
-    opt = rt.optimizer(_param_groups(model, GPU_CONFIG))
+    opt = rt.optimizer(classifier_groups(model, GPU_CONFIG))
     sched = schedule(opt, GPU_CONFIG, total_steps)
 
     def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -138,11 +138,11 @@ def test_same_seed_same_metrics(tiny_spec, tiny_adapters, probe_dir, tmp_path):
 
 
 def test_separate_learning_rates(tiny_spec, tiny_adapters):
-    from mop.finetune import _param_groups
+    from mop.finetune import classifier_groups
 
     cfg = FinetuneConfig(lr=1e-5, lr_adapters=2e-4, lr_fusion=3e-4, lr_head=4e-4)
     model, _ = build_classifier(tiny_spec, TASK, "mop", tiny_adapters, cfg)
-    groups = {g["name"]: g for g in _param_groups(model, cfg)}
+    groups = {g["name"]: g for g in classifier_groups(model, cfg)}
     assert groups["base"]["lr"] == 1e-5 and groups["adapters"]["lr"] == 2e-4
     assert groups["fusion"]["lr"] == 3e-4 and groups["head"]["lr"] == 4e-4
     assert groups["base_no_decay"]["weight_decay"] == 0.0
@@ -267,11 +267,11 @@ def test_oracle_routes_each_example_to_its_own_adapter(tiny_spec, tiny_adapters)
 
 
 def test_zero_learning_rate_freezes_that_part(tiny_spec, tiny_adapters):
-    from mop.finetune import _param_groups
+    from mop.finetune import classifier_groups
 
     cfg = FinetuneConfig(lr=0.0, lr_adapters=0.0, lr_fusion=1e-3, lr_head=1e-3)
     model, _ = build_classifier(tiny_spec, TASK, "mop", tiny_adapters, cfg)
-    names = {g["name"] for g in _param_groups(model, cfg)}
+    names = {g["name"] for g in classifier_groups(model, cfg)}
     assert names <= {"fusion", "fusion_no_decay", "head", "head_no_decay"}
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(

@@ -156,7 +156,8 @@ def test_accuracy_and_macro_f1_by_hand():
 
 
 def test_multi_label_evaluation_thresholds_at_one_half():
-    from mop.finetune import EncodedSplit, evaluate
+    from mop.finetune import evaluate
+    from mop.tasks.encode import EncodedSplit
 
     frame = pl.DataFrame({"id": ["d1_s0", "d1_s1"], "text_a": ["x", "y"], "document": ["d1"] * 2})
     split = EncodedSplit(["d1_s0", "d1_s1"], None, np.array([[1, 0], [0, 0]]), frame)

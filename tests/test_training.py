@@ -13,7 +13,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from mop.checkpoint import Checkpoint, StopSignal
 from mop.errors import MopError
-from mop.finetune import FinetuneConfig, _param_groups, build_classifier, task_loss
+from mop.finetune import FinetuneConfig, build_classifier, classifier_groups, task_loss
 from mop.runtime import Runtime, resolve_device
 from mop.tasks import get_task
 from mop.training import accumulate, micro_batches, optimizer_step, param_groups, share
@@ -106,7 +106,7 @@ def test_gradient_accumulation_equals_one_large_batch(tiny_spec, tiny_adapters, 
     for accum in (1, 4):
         torch.manual_seed(0)
         m, _ = build_classifier(tiny_spec, TASK, "mop", tiny_adapters, cfg)
-        opt = torch.optim.AdamW(_param_groups(m, cfg))
+        opt = torch.optim.AdamW(classifier_groups(m, cfg))
         sched = get_linear_schedule_with_warmup(opt, 0, 10)
         _grads_after(m, probe_batch, accum)
         optimizer_step(m, opt, sched, max_grad_norm=1.0)
