@@ -145,7 +145,8 @@ def pretrain_partition(
         inputs = rt.batch(data.seqs.batch(rows, pad_id))
         return entity_loss(forward, inputs, labels, rt) * share(rows, batch)
 
-    loop = Loop(
+    loop = Loop.from_config(
+        cfg,
         f"pretrain {out}",
         model,
         optimizer,
@@ -153,14 +154,8 @@ def pretrain_partition(
         Checkpoint(out / "checkpoint", run_fingerprint(spec, data, cfg)),
         loss_of,
         data.seqs.lengths[train_rows],
-        cfg.batch_size,
-        cfg.seed,
-        cfg.epochs,
         steps,
         rows=train_rows,
-        grad_accum=cfg.grad_accum,
-        max_grad_norm=cfg.max_grad_norm,
-        checkpoint_every=cfg.checkpoint_every,
         after_step=LossLog(scheduler, steps, cfg.log_every, tracker),
     )
     state = loop.run(loop.resume(LoopState())[0])
