@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mop.plan import Plan, Run
-from mop.report import figures, tables
+from mop.report import analysis_tables, figures, tables
 from mop.report.runs import load_runs
 
 Files = dict[str, list[str]]
@@ -184,7 +184,7 @@ REPORTS = {
             ("runs",),
             lambda p, w: {"runs": p.metrics(p.single_runs() + p.analysis_base_runs())},
             lambda p: _one(p.an["single_adapters"]),
-            _table(lambda f: tables.table_single_adapters(load_runs(f["runs"]))),
+            _table(lambda f: analysis_tables.table_single_adapters(load_runs(f["runs"]))),
             "single_adapters",
         ),
         Report(
@@ -201,9 +201,9 @@ REPORTS = {
                 ),
             },
             lambda p: [{"task": t} for t in p.analysis_tasks()] if p.an["subsets"] else [],
-            lambda f, out: tables.table_subsets(load_runs(f["runs"]), f["selections"]).write(
-                out.parent, out.name
-            ),
+            lambda f, out: analysis_tables.table_subsets(
+                load_runs(f["runs"]), f["selections"]
+            ).write(out.parent, out.name),
             "subsets",
         ),
         Report(
