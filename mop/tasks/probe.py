@@ -34,7 +34,7 @@ import numpy as np
 import polars as pl
 
 from mop.errors import MopError
-from mop.kg import read_kg
+from mop.kg import KnowledgeGraph, read_kg
 from mop.partition import fact_partitions, read_membership
 from mop.tasks import SPLITS, TaskSpec, accuracy, write_splits
 
@@ -131,6 +131,147 @@ def word(
     return heads, tails, texts
 
 
+@dataclass(frozen=True)
+class ProbeFacts:
+    """The facts of the probe's relation: (disease, phenotype) = (head, tail) arrays,
+    which of them lie inside one partition (at every K of `inside_at`), each entity's
+    partition in the probe's partitioning and the group swapped pairs are drawn within."""
+
+    heads: np.ndarray
+    tails: np.ndarray
+    inside: np.ndarray  # bool, per fact
+    part: np.ndarray  # per entity
+    group: np.ndarray  # per entity: one partition at every K
+    known: set[tuple[int, int]]  # every fact, so that no negative is one
+
+    @classmethod
+    def read(
+        cls,
+        kg: KnowledgeGraph,
+        relation: str,
+        partition_dir: str | Path,
+        inside_at: Sequence[str | Path],
+        kg_dir: str | Path,
+    ) -> ProbeFacts:
+        rel = kg.relations.filter(pl.col("name") == relation)
+        if rel.height == 0:
+            raise MopError(f"tasks.probe.relation: {relation!r} is not a relation of {kg_dir}")
+        part = read_membership(partition_dir)
+        facts_df = kg.triples.filter(pl.col("relation") == rel["id"][0])
+        heads = facts_df["head"].to_numpy()
+        tails = facts_df["tail"].to_numpy()
+        inside = part[heads] == part[tails]
+        # Swapped pairs come from one group: entities in one partition at every K, so that
+        # a negative's disease and phenotype, like a positive's, share a partition at each K.
+        group = part
+        if inside_at:
+            memberships = [part, *(read_membership(other) for other in inside_at)]
+            for membership in memberships[1:]:
+                inside &= fact_partitions(heads, tails, membership) >= 0
+            group = np.unique(np.stack(memberships, 1), axis=0, return_inverse=True)[1]
+            group = group.reshape(-1)
+        known = set(zip(heads.tolist(), tails.tolist(), strict=True))
+        return cls(heads, tails, inside, part, group, known)
+
+    def split_diseases(
+        self, shares: tuple[float, float, float], rng: np.random.Generator
+    ) -> dict[int, str]:
+        """Each disease's split: a seeded shuffle of the diseases cut at `shares`."""
+        diseases = np.unique(self.heads[self.inside])
+        diseases = diseases[rng.permutation(diseases.size)]
+        cuts = np.cumsum([round(s * diseases.size) for s in shares[:2]])
+        return {
+            int(d): SPLITS[int(np.searchsorted(cuts, i, side="right"))]
+            for i, d in enumerate(diseases)
+        }
+
+    def questions(
+        self, split: str, split_of: dict[int, str], rng: np.random.Generator
+    ) -> pl.DataFrame:
+        """A split's questions, four per swapped pair (two positives, their two swaps),
+        pairs taken within each group in turn."""
+        rows = []
+        asked: set[tuple[int, int]] = set()
+        heads, tails = self.heads[self.inside], self.tails[self.inside]
+        for g in np.unique(self.group):
+            pos = sorted(
+                {
+                    (int(h), int(t))
+                    for h, t in zip(heads, tails, strict=True)
+                    if self.group[h] == g and split_of[int(h)] == split
+                }
+            )
+            for (d1, p1), (d2, p2) in _pair_up(pos, self.known, asked, rng):
+                pair = len(rows) // 4
+                for d, ph, label in ((d1, p1, 1), (d2, p2, 1), (d1, p2, 0), (d2, p1, 0)):
+                    rows.append((pair, int(self.part[d1]), d, ph, label))
+        return pl.DataFrame(rows, schema=QUESTION_SCHEMA, orient="row")
+
+
+QUESTION_SCHEMA = {
+    "pair": pl.Int32,
+    "partition": pl.Int32,
+    "disease": pl.Int32,
+    "phenotype": pl.Int32,
+    "label": pl.Int64,
+}
+
+
+def sample_pairs(frame: pl.DataFrame, limit: int | None, rng: np.random.Generator) -> pl.DataFrame:
+    """The pairs kept (all, or a seeded sample of `limit` questions' worth), sorted."""
+    n_pairs = frame["pair"].n_unique() if frame.height else 0
+    keep = rng.permutation(n_pairs)
+    if limit is not None:
+        keep = keep[: max(1, limit // 4)]
+    return frame.filter(pl.col("pair").is_in(keep.tolist())).sort(["pair", "label"])
+
+
+def entity_synonyms(kg: KnowledgeGraph, wording: Wording, kg_dir: str | Path) -> dict:
+    """Each entity's synonyms (entity id -> names), for a wording that uses them."""
+    others: dict[int, list[str]] = {}
+    if kg.synonyms is not None:
+        for e, n in kg.synonyms.iter_rows():
+            others.setdefault(e, []).append(n)
+    if wording.synonyms and not others:
+        raise MopError(
+            f"tasks.probe.wording.synonyms: {kg_dir} has no synonyms (synonyms.parquet; the "
+            "HPO and OBO sources write them)"
+        )
+    return others
+
+
+def phrase(
+    frame: pl.DataFrame,
+    split: str,
+    words: tuple[list[str], list[str], list[str]],
+    relation: str,
+    format: str,
+    template: str,
+) -> pl.DataFrame:
+    """A split's questions as text (`word`'s names and templates), in the task's columns:
+    one question (format `question`), or the disease and the relation (`pair`)."""
+    head_names, tail_names, texts = words
+    frame = frame.with_columns(
+        id=pl.format("{}-{}-{}", pl.lit(split), pl.col("disease"), pl.col("phenotype")),
+        candidate=pl.Series(tail_names, dtype=pl.String),
+    )
+    if format == "pair":
+        frame = frame.with_columns(
+            text_a=pl.Series(head_names, dtype=pl.String), text_b=pl.lit(relation)
+        )
+    else:
+        questions = [
+            (texts[i] if texts else template).format(head=h, tail=t)
+            for i, (h, t) in enumerate(zip(head_names, tail_names, strict=True))
+        ]
+        frame = frame.with_columns(
+            text_a=pl.Series(questions, dtype=pl.String),
+            text_b=pl.lit(None, dtype=pl.String),
+        )
+    columns = ("text_a", "text_b", "candidate", "label", "pair", "partition", "disease")
+    return frame.select("id", *columns, "phenotype")
+
+
 def build_probe(
     kg_dir: str | Path,
     partition_dir: str | Path,
@@ -147,105 +288,20 @@ def build_probe(
     """The probe's train/dev/test questions (columns described in the module docstring);
     `partition` is the fact's partition in `partition_dir`."""
     kg = read_kg(kg_dir)
-    rel = kg.relations.filter(pl.col("name") == relation)
-    if rel.height == 0:
-        raise MopError(f"tasks.probe.relation: {relation!r} is not a relation of {kg_dir}")
-    part = read_membership(partition_dir)
-    facts_df = kg.triples.filter(pl.col("relation") == rel["id"][0])
-    heads = facts_df["head"].to_numpy()
-    tails = facts_df["tail"].to_numpy()
-    facts = set(zip(heads.tolist(), tails.tolist(), strict=True))
-    inside = part[heads] == part[tails]
-    # Swapped pairs come from one group: entities in one partition at every K, so that a
-    # negative's disease and phenotype, like a positive's, share a partition at each K.
-    group = part
-    if inside_at:
-        memberships = [part, *(read_membership(other) for other in inside_at)]
-        for membership in memberships[1:]:
-            inside &= fact_partitions(heads, tails, membership) >= 0
-        group = np.unique(np.stack(memberships, 1), axis=0, return_inverse=True)[1].reshape(-1)
-    rng = np.random.default_rng(seed)
-    diseases = np.unique(heads[inside])
-    diseases = diseases[rng.permutation(diseases.size)]
-    cuts = np.cumsum([round(s * diseases.size) for s in shares[:2]])
-    split_of = {
-        int(d): SPLITS[int(np.searchsorted(cuts, i, side="right"))] for i, d in enumerate(diseases)
-    }
+    facts = ProbeFacts.read(kg, relation, partition_dir, inside_at, kg_dir)
+    rng = np.random.default_rng(seed)  # one stream, drawn in this order: keep it
+    split_of = facts.split_diseases(shares, rng)
     names = kg.entities["name"].to_list()
-    others: dict[int, list[str]] = {}
-    if kg.synonyms is not None:
-        for e, n in kg.synonyms.iter_rows():
-            others.setdefault(e, []).append(n)
-    wording = Wording(**(wording or {}))
-    if wording.synonyms and not others:
-        raise MopError(
-            f"tasks.probe.wording.synonyms: {kg_dir} has no synonyms (synonyms.parquet; the "
-            "HPO and OBO sources write them)"
-        )
+    how = Wording(**(wording or {}))
+    synonyms = entity_synonyms(kg, how, kg_dir)
     out: dict[str, pl.DataFrame] = {}
     for split in SPLITS:
-        rows = []
-        asked: set[tuple[int, int]] = set()
-        for g in np.unique(group):
-            pos = sorted(
-                {
-                    (int(h), int(t))
-                    for h, t in zip(heads[inside], tails[inside], strict=True)
-                    if group[h] == g and split_of[int(h)] == split
-                }
-            )
-            for (d1, p1), (d2, p2) in _pair_up(pos, facts, asked, rng):
-                pair = len(rows) // 4
-                for d, ph, label in ((d1, p1, 1), (d2, p2, 1), (d1, p2, 0), (d2, p1, 0)):
-                    rows.append((pair, int(part[d1]), d, ph, label))
-        frame = pl.DataFrame(
-            rows,
-            schema={
-                "pair": pl.Int32,
-                "partition": pl.Int32,
-                "disease": pl.Int32,
-                "phenotype": pl.Int32,
-                "label": pl.Int64,
-            },
-            orient="row",
-        )
-        n_pairs = frame["pair"].n_unique() if frame.height else 0
-        keep = rng.permutation(n_pairs)
-        limit = (max_questions or {}).get(split)
-        if limit is not None:
-            keep = keep[: max(1, limit // 4)]
-        frame = frame.filter(pl.col("pair").is_in(keep.tolist())).sort(["pair", "label"])
+        frame = facts.questions(split, split_of, rng)
+        frame = sample_pairs(frame, (max_questions or {}).get(split), rng)
         if frame.height == 0:
             raise MopError(f"tasks.probe: no {split} questions could be built from {partition_dir}")
-        frame = frame.with_columns(
-            id=pl.format("{}-{}-{}", pl.lit(split), pl.col("disease"), pl.col("phenotype"))
-        )
-        head_names, tail_names, texts = word(frame, names, others, wording, seed, split)
-        frame = frame.with_columns(candidate=pl.Series(tail_names, dtype=pl.String))
-        if format == "pair":
-            frame = frame.with_columns(
-                text_a=pl.Series(head_names, dtype=pl.String), text_b=pl.lit(relation)
-            )
-        else:
-            questions = [
-                (texts[i] if texts else template).format(head=h, tail=t)
-                for i, (h, t) in enumerate(zip(head_names, tail_names, strict=True))
-            ]
-            frame = frame.with_columns(
-                text_a=pl.Series(questions, dtype=pl.String),
-                text_b=pl.lit(None, dtype=pl.String),
-            )
-        out[split] = frame.select(
-            "id",
-            "text_a",
-            "text_b",
-            "candidate",
-            "label",
-            "pair",
-            "partition",
-            "disease",
-            "phenotype",
-        )
+        words = word(frame, names, synonyms, how, seed, split)
+        out[split] = phrase(frame, split, words, relation, format, template)
     return out
 
 
