@@ -142,6 +142,35 @@ def test_every_settings_dataclass_default_is_the_schemas():
         assert shared >= (7 if cls is MixtureConfig else 12)
 
 
+def test_every_keyword_default_is_the_schemas():
+    """Functions the library offers outside the workflow (the probe's builder and wording,
+    the KG tokenizer) default to what the schema fills in, so a call without the workflow
+    builds what a config with the key left out builds."""
+    import inspect
+    from dataclasses import fields
+
+    from mop.config import schema_defaults
+    from mop.pretrain import tokenize_kg
+    from mop.tasks.probe import Wording, build_probe
+
+    def plain(value: object) -> object:
+        return list(value) if isinstance(value, tuple) else value
+
+    for func, section, expected in (
+        (build_probe, "tasks.probe", 6),
+        (tokenize_kg, "pretrain", 2),
+    ):
+        schema = schema_defaults(section)
+        params = inspect.signature(func).parameters
+        # `wording` (None: the default wording) is checked field by field below
+        shared = [name for name in params if name in schema and name != "wording"]
+        for name in shared:
+            assert plain(params[name].default) == schema[name], f"{func.__name__}({name})"
+        assert len(shared) == expected, shared
+    wording = schema_defaults("tasks.probe.wording")
+    assert {f.name: plain(f.default) for f in fields(Wording)} == wording
+
+
 def test_commands_fill_missing_options_from_the_schema():
     from mop.finetune import FinetuneConfig
 

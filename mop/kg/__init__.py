@@ -151,6 +151,68 @@ def with_inverses(kg: KnowledgeGraph, pairs: dict[str, str], key: str) -> Knowle
     return replace(kg, relations=relations)
 
 
+class CodeIndex:
+    """Entity ids by integer code: an array lookup when codes are small enough (CUIs: a
+    table of tens of MB beats any search), else a hash join."""
+
+    def __init__(self, entities: pl.DataFrame) -> None:
+        codes = entities["code"].to_numpy()
+        self.mapping = entities.select("code", "id")
+        self.lookup: np.ndarray | None = None
+        if codes.size > 0 and codes.min() >= 0 and codes.max() < DENSE_CODES:
+            self.lookup = np.full(int(codes.max()) + 1, -1, dtype=np.int64)
+            self.lookup[codes] = np.arange(codes.size)
+
+    def ids(self, triples: pl.DataFrame, column: str, source: str) -> np.ndarray:
+        """The ids of a triples column of codes; an unknown code is an error naming it."""
+        values = triples[column].cast(pl.Int64)
+        if self.lookup is not None:
+            arr = values.to_numpy()
+            inside = (arr >= 0) & (arr < self.lookup.size)
+            found = np.full(arr.size, -1, dtype=np.int64)
+            found[inside] = self.lookup[arr[inside]]
+        else:
+            found = (
+                values.to_frame("code")
+                .join(self.mapping, on="code", how="left", maintain_order="left")["id"]
+                .fill_null(-1)
+                .to_numpy()
+                .astype(np.int64)
+            )
+        if (found < 0).any():
+            row = triples.row(int(np.argmax(found < 0)), named=True)
+            raise MopError(
+                f"{source}: triple ({row['head']}, {row['relation']}, {row['tail']}) "
+                f"refers to unknown entity {row[column]!r}"
+            )
+        return found
+
+
+def unique_triples(
+    heads: np.ndarray, rels: np.ndarray, tails: np.ndarray, n_entities: int, n_relations: int
+) -> pl.DataFrame:
+    """Distinct (head, relation, tail) id triples, sorted; deduplicated as packed 63-bit
+    integers where the ids fit, which keeps tens of millions of rows to little memory."""
+    e_bits = max(1, int(n_entities).bit_length())
+    r_bits = max(1, int(n_relations).bit_length())
+    if 2 * e_bits + r_bits > 63:
+        return (
+            pl.DataFrame({"head": heads, "relation": rels, "tail": tails})
+            .cast(pl.Int32)
+            .unique()
+            .sort(["head", "relation", "tail"])
+        )
+    packed = pl.Series((heads << (e_bits + r_bits)) | (rels << e_bits) | tails)
+    packed = packed.unique().sort().to_numpy()
+    return pl.DataFrame(
+        {
+            "head": (packed >> (e_bits + r_bits)).astype(np.int32),
+            "relation": ((packed >> e_bits) & ((1 << r_bits) - 1)).astype(np.int32),
+            "tail": (packed & ((1 << e_bits) - 1)).astype(np.int32),
+        }
+    )
+
+
 def from_coded(
     entities: pl.DataFrame, triples: pl.DataFrame, *, source: str = "knowledge graph"
 ) -> KnowledgeGraph:
@@ -171,12 +233,7 @@ def from_coded(
     if empty.height:
         raise MopError(f"{source}: entity {empty['key'][0]!r} has an empty name")
     entities = entities.sort("key").with_row_index("id").with_columns(pl.col("id").cast(pl.Int32))
-    codes = entities["code"].to_numpy()
-    dense = codes.size > 0 and codes.min() >= 0 and codes.max() < DENSE_CODES
-    if dense:  # CUIs: a direct lookup table (tens of MB) beats any search
-        lookup = np.full(int(codes.max()) + 1, -1, dtype=np.int64)
-        lookup[codes] = np.arange(codes.size)
-    mapping = entities.select("code", "id")
+    index = CodeIndex(entities)
     relations = (
         triples.select(pl.col("relation").cast(pl.String).alias("name"))
         .unique()
@@ -184,31 +241,7 @@ def from_coded(
         .with_row_index("id")
         .with_columns(pl.col("id").cast(pl.Int32))
     )
-
-    def ids(column: str) -> np.ndarray:
-        values = triples[column].cast(pl.Int64)
-        if dense:
-            arr = values.to_numpy()
-            inside = (arr >= 0) & (arr < lookup.size)
-            found = np.full(arr.size, -1, dtype=np.int64)
-            found[inside] = lookup[arr[inside]]
-        else:
-            found = (
-                values.to_frame("code")
-                .join(mapping, on="code", how="left", maintain_order="left")["id"]
-                .fill_null(-1)
-                .to_numpy()
-                .astype(np.int64)
-            )
-        if (found < 0).any():
-            row = triples.row(int(np.argmax(found < 0)), named=True)
-            raise MopError(
-                f"{source}: triple ({row['head']}, {row['relation']}, {row['tail']}) "
-                f"refers to unknown entity {row[column]!r}"
-            )
-        return found
-
-    heads, tails = ids("head"), ids("tail")
+    heads, tails = index.ids(triples, "head", source), index.ids(triples, "tail", source)
     rels = (
         triples.select(pl.col("relation").cast(pl.String))
         .join(
@@ -217,26 +250,7 @@ def from_coded(
         .to_numpy()
         .astype(np.int64)
     )
-    e_bits = max(1, int(entities.height).bit_length())
-    r_bits = max(1, int(relations.height).bit_length())
-    if 2 * e_bits + r_bits <= 63:
-        packed = pl.Series((heads << (e_bits + r_bits)) | (rels << e_bits) | tails)
-        packed = packed.unique().sort().to_numpy()
-        e_mask = (1 << e_bits) - 1
-        out = pl.DataFrame(
-            {
-                "head": (packed >> (e_bits + r_bits)).astype(np.int32),
-                "relation": ((packed >> e_bits) & ((1 << r_bits) - 1)).astype(np.int32),
-                "tail": (packed & e_mask).astype(np.int32),
-            }
-        )
-    else:
-        out = (
-            pl.DataFrame({"head": heads, "relation": rels, "tail": tails})
-            .cast(pl.Int32)
-            .unique()
-            .sort(["head", "relation", "tail"])
-        )
+    out = unique_triples(heads, rels, tails, entities.height, relations.height)
     return KnowledgeGraph(
         entities.select(list(ENTITY_SCHEMA)), relations.select(list(RELATION_SCHEMA)), out
     )

@@ -67,6 +67,82 @@ def _hpoa_version(path: Path) -> str:
     return "unknown"
 
 
+def choose_diseases(
+    ann: pl.DataFrame,
+    diseases: int | str,
+    min_phenotypes: int,
+    max_phenotypes: int | None,
+    seed: int,
+) -> list[str]:
+    """The diseases kept: those with min..max "has phenotype" annotations, all of them or
+    a seeded sample of `diseases`, sorted."""
+    counts = (
+        ann.filter(pl.col("aspect") == "P")
+        .group_by("database_id")
+        .agg(pl.col("hpo_id").n_unique().alias("n"))
+        .filter(pl.col("n") >= min_phenotypes)
+    )
+    if max_phenotypes is not None:
+        counts = counts.filter(pl.col("n") <= max_phenotypes)
+    pool = counts["database_id"].sort().to_list()
+    if diseases == "all":
+        return pool
+    if int(diseases) > len(pool):
+        raise MopError(
+            f"kgs.*.diseases: {diseases} diseases asked for but only {len(pool)} have "
+            f"{min_phenotypes}-{max_phenotypes or 'any'} phenotypes"
+        )
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(np.array(pool), size=int(diseases), replace=False).tolist())
+
+
+def disease_part(ann: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The kept diseases as entities (key, name) and their annotations as triples."""
+    entities = (
+        ann.group_by("database_id")
+        .agg(pl.col("disease_name").first())
+        .rename({"database_id": "key", "disease_name": "name"})
+    )
+    triples = ann.select(
+        pl.col("database_id").alias("head"),
+        pl.col("aspect").replace_strict(ASPECT_RELATIONS).alias("relation"),
+        pl.col("hpo_id").alias("tail"),
+    )
+    return entities, triples
+
+
+def gene_part(
+    data: Path, chosen: list[str], term_keys: pl.Series
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The genes of the kept diseases as entities (key, name), and as triples their
+    gene-phenotype pairs and the disease-gene links."""
+    g2p = (
+        _read_tsv(data / "genes_to_phenotype.txt")
+        .filter(pl.col("disease_id").is_in(chosen) & pl.col("hpo_id").is_in(term_keys.implode()))
+        .with_columns(("NCBIGene:" + pl.col("ncbi_gene_id")).alias("gene"))
+    )
+    entities = (
+        g2p.group_by("gene")
+        .agg(pl.col("gene_symbol").first())
+        .rename({"gene": "key", "gene_symbol": "name"})
+    )
+    triples = pl.concat(
+        [
+            g2p.select(
+                pl.col("gene").alias("head"),
+                pl.lit(GENE_PHENOTYPE).alias("relation"),
+                pl.col("hpo_id").alias("tail"),
+            ),
+            g2p.select(
+                pl.col("disease_id").alias("head"),
+                pl.lit(DISEASE_GENE).alias("relation"),
+                pl.col("gene").alias("tail"),
+            ),
+        ]
+    )
+    return entities, triples
+
+
 def load_hpo(
     diseases: int | str = 300,
     min_phenotypes: int = 1,
@@ -94,68 +170,12 @@ def load_hpo(
         pl.col("aspect").is_in(list(ASPECT_RELATIONS))
         & pl.col("hpo_id").is_in(term_df["key"].implode())
     )
-    counts = (
-        ann.filter(pl.col("aspect") == "P")
-        .group_by("database_id")
-        .agg(pl.col("hpo_id").n_unique().alias("n"))
-        .filter(pl.col("n") >= min_phenotypes)
-    )
-    if max_phenotypes is not None:
-        counts = counts.filter(pl.col("n") <= max_phenotypes)
-    pool = counts["database_id"].sort().to_list()
-    if diseases == "all":
-        chosen = pool
-    else:
-        if int(diseases) > len(pool):
-            raise MopError(
-                f"kgs.*.diseases: {diseases} diseases asked for but only {len(pool)} have "
-                f"{min_phenotypes}-{max_phenotypes or 'any'} phenotypes"
-            )
-        rng = np.random.default_rng(seed)
-        chosen = sorted(rng.choice(np.array(pool), size=int(diseases), replace=False).tolist())
-    ann = ann.filter(pl.col("database_id").is_in(chosen))
-    disease_ents = (
-        ann.group_by("database_id")
-        .agg(pl.col("disease_name").first())
-        .rename({"database_id": "key", "disease_name": "name"})
-    )
-    triples = [
-        ann.select(
-            pl.col("database_id").alias("head"),
-            pl.col("aspect").replace_strict(ASPECT_RELATIONS).alias("relation"),
-            pl.col("hpo_id").alias("tail"),
-        )
-    ]
+    chosen = choose_diseases(ann, diseases, min_phenotypes, max_phenotypes, seed)
+    disease_ents, triples_df = disease_part(ann.filter(pl.col("database_id").is_in(chosen)))
     gene_ents = pl.DataFrame(schema={"key": pl.String, "name": pl.String})
     if genes:
-        g2p = (
-            _read_tsv(data / "genes_to_phenotype.txt")
-            .filter(
-                pl.col("disease_id").is_in(chosen)
-                & pl.col("hpo_id").is_in(term_df["key"].implode())
-            )
-            .with_columns(("NCBIGene:" + pl.col("ncbi_gene_id")).alias("gene"))
-        )
-        gene_ents = (
-            g2p.group_by("gene")
-            .agg(pl.col("gene_symbol").first())
-            .rename({"gene": "key", "gene_symbol": "name"})
-        )
-        triples.append(
-            g2p.select(
-                pl.col("gene").alias("head"),
-                pl.lit(GENE_PHENOTYPE).alias("relation"),
-                pl.col("hpo_id").alias("tail"),
-            )
-        )
-        triples.append(
-            g2p.select(
-                pl.col("disease_id").alias("head"),
-                pl.lit(DISEASE_GENE).alias("relation"),
-                pl.col("gene").alias("tail"),
-            )
-        )
-    triples_df = pl.concat(triples)
+        gene_ents, gene_triples = gene_part(data, chosen, term_df["key"])
+        triples_df = pl.concat([triples_df, gene_triples])
     if terms == "all":
         kept_terms = term_df
     else:

@@ -136,6 +136,58 @@ def concept_names(
     return chosen.select("conceptId", name="term"), int((chosen["rank"] == 1).sum())
 
 
+def check_concepts(
+    rels: pl.DataFrame, concepts: pl.DataFrame, names: pl.DataFrame, language_refset: str
+) -> None:
+    """Every concept a relationship names (source, destination, type) is active and has a
+    name; the first that is not is an error naming its file and line."""
+    active = set(concepts.filter(pl.col("active") == "1")["id"].to_list())
+    named = set(names["conceptId"].to_list())
+    for column in ("sourceId", "destinationId", "typeId"):
+        bad = rels.filter(~pl.col(column).is_in(active))
+        if bad.height:
+            row = bad.row(0, named=True)
+            raise MopError(
+                f"{row['file']}:{row['line']}: {column} {row[column]} is not an active concept"
+            )
+        bad = rels.filter(~pl.col(column).is_in(named))
+        if bad.height:
+            row = bad.row(0, named=True)
+            raise MopError(
+                f"{row['file']}:{row['line']}: concept {row[column]} has no preferred term "
+                f"in language refset {language_refset}"
+            )
+
+
+def choose_relations(
+    rels: pl.DataFrame,
+    type_names: dict[str, str],
+    relations: Sequence[str] | None,
+    top_relations: int | None,
+    key: str,
+    rel_file: Path,
+) -> pl.DataFrame:
+    """The relationships of the relations asked for: those named (by type name, any case,
+    or type concept id), the `top_relations` most frequent, or all."""
+    freq = rels.group_by("relation").len().sort(["len", "relation"], descending=[True, False])
+    if relations:
+        by_id = {str(t): n for t, n in type_names.items()}
+        lookup = {n.lower(): n for n in freq["relation"]} | {t: n for t, n in by_id.items()}
+        chosen = []
+        for item in relations:
+            name = lookup.get(str(item).lower()) or lookup.get(str(item))
+            if name is None:
+                raise MopError(
+                    f"config key {key}.relations: relation {item!r} does not occur in "
+                    f"{rel_file} after filtering"
+                )
+            chosen.append(name)
+        return rels.filter(pl.col("relation").is_in(chosen))
+    if top_relations is not None:
+        return rels.filter(pl.col("relation").is_in(freq["relation"].head(top_relations).implode()))
+    return rels
+
+
 def load_rf2(
     path: str | Path,
     *,
@@ -178,43 +230,13 @@ def load_rf2(
         )
     names, fsn_used = concept_names(descriptions, language, str(language_refset))
     meta["names_from_fsn"] = fsn_used
-    active = set(concepts.filter(pl.col("active") == "1")["id"].to_list())
-    named = set(names["conceptId"].to_list())
-    for column in ("sourceId", "destinationId", "typeId"):
-        bad = rels.filter(~pl.col(column).is_in(active))
-        if bad.height:
-            row = bad.row(0, named=True)
-            raise MopError(
-                f"{row['file']}:{row['line']}: {column} {row[column]} is not an active concept"
-            )
-        bad = rels.filter(~pl.col(column).is_in(named))
-        if bad.height:
-            row = bad.row(0, named=True)
-            raise MopError(
-                f"{row['file']}:{row['line']}: concept {row[column]} has no preferred term "
-                f"in language refset {language_refset}"
-            )
+    check_concepts(rels, concepts, names, str(language_refset))
     type_names = dict(
         names.filter(pl.col("conceptId").is_in(rels["typeId"].unique().implode())).iter_rows()
     )
     rels = rels.with_columns(relation=pl.col("typeId").replace_strict(type_names))
-    freq = rels.group_by("relation").len().sort(["len", "relation"], descending=[True, False])
-    meta["relations_available"] = freq.height
-    if relations:
-        by_id = {str(t): n for t, n in type_names.items()}
-        lookup = {n.lower(): n for n in freq["relation"]} | {t: n for t, n in by_id.items()}
-        chosen = []
-        for item in relations:
-            name = lookup.get(str(item).lower()) or lookup.get(str(item))
-            if name is None:
-                raise MopError(
-                    f"config key {key}.relations: relation {item!r} does not occur in "
-                    f"{rel_files[0]} after filtering"
-                )
-            chosen.append(name)
-        rels = rels.filter(pl.col("relation").is_in(chosen))
-    elif top_relations is not None:
-        rels = rels.filter(pl.col("relation").is_in(freq["relation"].head(top_relations).implode()))
+    meta["relations_available"] = rels["relation"].n_unique()
+    rels = choose_relations(rels, type_names, relations, top_relations, key, rel_files[0])
     rels = rels.with_columns(
         head=_sctid(rels, "sourceId"), tail=_sctid(rels, "destinationId")
     ).select("head", "relation", "tail")
