@@ -52,6 +52,53 @@ def test_common_smk_is_thin():
     assert len(lines) < 120
 
 
+MAX_FUNCTION_LINES = 80
+MAX_MODULE_LINES = 400
+# Longer than the house allows when the rule came in (issue 25), owned by other work in
+# progress: each may not grow; drop an entry once it is within the limits.
+PENDING = {
+    "mop/kg/synthetic.py:mrconso_frame": 136,
+    "mop/kg/umls.py:load_umls": 106,
+    "mop/partition.py:partition_graph": 84,
+    "mop/export.py": 403,
+}
+
+
+def _sizes() -> dict[str, int]:
+    """Lines of every module of mop/ and of every function in it (decorators included)."""
+    out = {}
+    for path in sorted((REPO / "mop").rglob("*.py")):
+        name = path.relative_to(REPO).as_posix()
+        text = path.read_text()
+        out[name] = len(text.splitlines())
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                out[f"{name}:{node.name}"] = max(
+                    out.get(f"{name}:{node.name}", 0), node.end_lineno - start + 1
+                )
+    return out
+
+
+def test_functions_and_modules_are_short():
+    """A newcomer reads the house in an afternoon: no function over ~80 lines, no module
+    over ~400 (issue 25)."""
+    sizes = _sizes()
+    long = {
+        name: n
+        for name, n in sizes.items()
+        if n > (MAX_FUNCTION_LINES if ":" in name else MAX_MODULE_LINES)
+        and n > PENDING.get(name, 0)
+    }
+    assert long == {}
+    done = [
+        name
+        for name in PENDING
+        if sizes.get(name, 0) <= (MAX_FUNCTION_LINES if ":" in name else MAX_MODULE_LINES)
+    ]
+    assert done == [], "within the limits now: drop them from PENDING"
+
+
 def test_schema_names_follow_the_results_grammar():
     schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
     name = schema["$defs"]["name"]["pattern"]
