@@ -23,7 +23,7 @@ import yaml
 
 from mop.errors import MopError
 from mop.io import read_json, safe_name
-from mop.plan import Plan
+from mop.plan import SCHEME, Plan, scheme_name
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -184,35 +184,10 @@ def check_analysis(config: dict[str, Any]) -> None:
             )
 
 
-def preflight(config: dict[str, Any], missing_ok: bool = False) -> list[str]:
-    """Checks that need more than the schema; raise MopError on the first problem.
-
-    Missing input data (KG source files, task datasets) is collected: with `missing_ok`
-    (a dry run, an estimate) it is returned as warnings, else it stops with all of it.
-    """
-    from mop.models import resolve_model
-    from mop.plan import SCHEME, scheme_name
-
-    for alias in config["models"]:
-        safe_name(alias, f"models.{alias}")
-    for alias in config["base_models"]:
-        resolve_model(alias, config["models"])
-    missing = []
-    for name, kg_cfg in config["kgs"].items():
-        safe_name(name, f"kgs.{name}")
-        for key in ("path", "entities", "relations"):
-            value = kg_cfg.get(key)
-            if isinstance(value, str) and not Path(value).exists():
-                missing.append(f"config key kgs.{name}.{key}: {value} does not exist")
+def check_partitionings(config: dict[str, Any]) -> set[int]:
+    """The shuffle rates name scheme folders, the K fine-tuning uses is partitioned, the
+    probe's KG exists; returns every K partitioned (the probe's own and `inside_at` too)."""
     ft = config["finetune"]
-    if config.get("tracking", {}).get("log_models") and not ft["save_model"]:
-        raise MopError(
-            "config key tracking.log_models: logging the fine-tuned models needs their "
-            "weights; set finetune.save_model: true"
-        )
-    for name in ft.get("kgs") or []:
-        if name not in config["kgs"]:
-            raise MopError(f"config key finetune.kgs: unknown KG {name!r}")
     for rate in config["partition"]["shuffle"]:
         if not re.fullmatch(SCHEME, scheme_name(rate)):
             raise MopError(
@@ -237,6 +212,38 @@ def preflight(config: dict[str, Any], missing_ok: bool = False) -> list[str]:
             raise MopError(f"config key tasks.probe.kg: unknown KG {probe['kg']!r}")
         ks.add(probe["k"])
         ks.update(probe["inside_at"])
+    return ks
+
+
+def preflight(config: dict[str, Any], missing_ok: bool = False) -> list[str]:
+    """Checks that need more than the schema; raise MopError on the first problem.
+
+    Missing input data (KG source files, task datasets) is collected: with `missing_ok`
+    (a dry run, an estimate) it is returned as warnings, else it stops with all of it.
+    """
+    from mop.models import resolve_model
+
+    for alias in config["models"]:
+        safe_name(alias, f"models.{alias}")
+    for alias in config["base_models"]:
+        resolve_model(alias, config["models"])
+    missing = []
+    for name, kg_cfg in config["kgs"].items():
+        safe_name(name, f"kgs.{name}")
+        for key in ("path", "entities", "relations"):
+            value = kg_cfg.get(key)
+            if isinstance(value, str) and not Path(value).exists():
+                missing.append(f"config key kgs.{name}.{key}: {value} does not exist")
+    ft = config["finetune"]
+    if config.get("tracking", {}).get("log_models") and not ft["save_model"]:
+        raise MopError(
+            "config key tracking.log_models: logging the fine-tuned models needs their "
+            "weights; set finetune.save_model: true"
+        )
+    for name in ft.get("kgs") or []:
+        if name not in config["kgs"]:
+            raise MopError(f"config key finetune.kgs: unknown KG {name!r}")
+    ks = check_partitionings(config)
     missing += check_tasks(config)
     if missing and not missing_ok:
         raise MopError("\n".join(missing))
