@@ -17,6 +17,7 @@ from mop.report.docs import MARKER, docs_tables, split_snippet
 from tests.conftest import REPO, tiny_workdir
 
 MKDOCS = Path(sys.executable).parent / "mkdocs"
+SNIPPETS = REPO / "docs" / "generated" / "default"  # the default run's tables
 
 
 def _mkdocs(config: Path, site: Path, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -66,16 +67,15 @@ def test_the_index_page_carries_the_readme_quick_start(site):
 
 def test_api_pages_show_the_docstrings(site):
     from mop.partition import run_partition
-    from mop.report.docs import docs_tables as generator
 
-    for page, func in (("partition", run_partition), ("report", generator)):
+    for page, func in (("partition", run_partition), ("report", docs_tables)):
         text = _text(site / "api" / page / "index.html")
         first = inspect.getdoc(func).split("\n\n")[0].replace("`", "")
         assert _bare(first) in text, (page, first)
 
 
 def test_pages_show_the_generated_tables_and_the_settings(site):
-    main = split_snippet((REPO / "docs" / "results" / "main.md").read_text())[1]
+    main = split_snippet((SNIPPETS / "main.md").read_text())[1]
     first_row = main.splitlines()[2]
     cells = [_bare(c.strip("*")) for c in first_row.strip("|").split("|")]
     results = _text(site / "results" / "index.html")
@@ -89,8 +89,8 @@ def test_the_readme_default_table_is_the_committed_snippet():
     readme = (REPO / "README.md").read_text()
     start, end = "<!-- default-table:start -->\n", "<!-- default-table:end -->"
     block = readme[readme.index(start) + len(start) : readme.index(end)]
-    snippet = (REPO / "docs" / "results" / "main.md").read_text()
-    assert block == snippet, "copy docs/results/main.md into README's default-table block"
+    snippet = (SNIPPETS / "main.md").read_text()
+    assert block == snippet, f"copy {SNIPPETS / 'main.md'} into README's default-table block"
 
 
 def test_readme_stays_a_short_user_page():
@@ -115,12 +115,19 @@ def test_strict_build_fails_on_a_broken_link(tmp_path):
     assert "missing.md" in result.stdout + result.stderr
 
 
-def test_docs_tables_stop_on_missing_runs_and_write_nothing(tmp_path):
+def test_report_docs_stops_on_missing_runs_and_writes_nothing(tmp_path, capsys):
+    from mop.cli import main
+
     work = tiny_workdir(tmp_path / "work")
     out = tmp_path / "out"
-    with pytest.raises(MopError, match=r"metrics\.json: missing \(input of table table1\)"):
-        docs_tables([work / "config" / "config.yaml"], work / "results", out)
+    config = str(work / "config" / "config.yaml")
+    args = ["report", "docs", "--config", config, "--results", str(work / "results")]
+    assert main([*args, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"mop: error: \S+/metrics\.json: missing \(input of table table1\)", err)
     assert not out.exists()
+    assert main(["report", "docs", "--out", str(out)]) == 1
+    assert "mop report docs: needs --config" in capsys.readouterr().err
 
 
 def test_docs_tables_refuse_a_folder_they_did_not_write(tmp_path):
@@ -147,5 +154,7 @@ def test_docs_tables_are_the_reports_own_tables_with_their_provenance(finished_r
     for path in paths:
         header, body = split_snippet(path.read_text())
         assert body == (results / "tables" / path.name).read_text()
-        assert f"{runs} fine-tuning runs ({runs} on cpu fp32" in header
+        counted = re.search(r"(\d+) fine-tuning runs \(([^)]*)\)", header)
+        assert counted and int(counted[1]) == runs
+        assert sum(int(n) for n in re.findall(r"(\d+) on cpu fp32", counted[2])) == runs
         assert f"`{config}` (sha256 " in header and f"`{results}/`" in header

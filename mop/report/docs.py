@@ -22,7 +22,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mop.config import load_config
+import yaml
+
+from mop.config import validate_config
 from mop.errors import MopError
 from mop.io import atomic_dir, read_json
 from mop.plan import Plan
@@ -38,8 +40,7 @@ def docs_tables(
 
     Stops before writing anything if an input of a wanted table is missing, or if `out`
     holds files this command did not write."""
-    overrides = {"results": str(results)} if results is not None else None
-    plan = Plan(load_config(*config_files, overrides=overrides))
+    plan = Plan(_merged_config(config_files, results))
     out = Path(out)
     _check_out(out)
     bodies, inputs = _build_tables(plan)
@@ -48,6 +49,22 @@ def docs_tables(
         for stem, body in bodies.items():
             (tmp / f"{stem}.md").write_text(f"{MARKER}\n{header}\n\n{body}")
     return [out / f"{stem}.md" for stem in bodies]
+
+
+def _merged_config(config_files: Sequence[str | Path], results: str | Path | None) -> dict:
+    """The config as the workflow saw it: later files merged into earlier ones key by key,
+    as Snakemake merges `--configfile`s, then validated with the schema's defaults."""
+    from snakemake.utils import update_config
+
+    config: dict = {}
+    for path in config_files:
+        try:
+            update_config(config, yaml.safe_load(Path(path).read_text()) or {})
+        except (OSError, yaml.YAMLError) as exc:
+            raise MopError(f"{path}: cannot read config ({exc})") from exc
+    if results is not None:
+        config["results"] = str(results)
+    return validate_config(config)
 
 
 def split_snippet(text: str) -> tuple[str, str]:
@@ -96,10 +113,11 @@ def _provenance(config_files: Sequence[str | Path], results: str, inputs: set[st
     configs = ", ".join(f"`{c}` (sha256 {_digest(Path(c))})" for c in config_files)
     runs = sorted(p for p in inputs if Path(p).name == "metrics.json")
     where = Counter(_runtime(read_json(p).get("runtime")) for p in runs)
-    ran = "; ".join(f"{n} on {what}" for what, n in sorted(where.items())) or "none"
+    ran = "; ".join(f"{n} on {what}" for what, n in sorted(where.items()))
+    counted = f"{len(runs)} fine-tuning runs ({ran})" if runs else "no fine-tuning runs"
     finished = max((os.path.getmtime(p) for p in inputs), default=0.0)
     return (
-        f"*Config {configs}; results `{results}/`, {len(runs)} fine-tuning runs ({ran}), "
+        f"*Config {configs}; results `{results}/`, {counted}, "
         f"newest input {_utc(finished)}; code at commit {_commit(Path(results))}. Tables "
         f"built on {_machine()}, {_utc(datetime.now(UTC).timestamp())}.*"
     )
@@ -115,10 +133,11 @@ def _digest(path: Path) -> str:
 def _runtime(runtime: dict | None) -> str:
     """A run's own record of where it ran (metrics.json `runtime`)."""
     if not runtime:
-        return "an unrecorded device"
+        return "a device it did not record"
     threads = runtime.get("threads")
     parts = [runtime.get("gpu") or runtime.get("device", "?"), runtime.get("precision", "?")]
-    return " ".join(str(p) for p in parts) + (f", {threads} threads" if threads else "")
+    plural = "" if threads == 1 else "s"
+    return " ".join(str(p) for p in parts) + (f", {threads} thread{plural}" if threads else "")
 
 
 def _machine() -> str:
