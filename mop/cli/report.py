@@ -1,4 +1,5 @@
-"""`mop report NAME` (one table or figure of the registry) and `mop publish` (MLflow)."""
+"""`mop report NAME` (one table or figure of the registry), `mop report docs` (every table
+as a snippet for the docs) and `mop publish` (MLflow)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ def cmd_report(args: argparse.Namespace) -> None:
     from mop.errors import MopError
     from mop.report.registry import REPORTS
 
+    if args.what == "docs":
+        from mop.report.docs import docs_tables
+
+        if not args.config:
+            raise MopError("mop report docs: needs --config (the run's config files)")
+        paths = docs_tables(args.config, args.results, args.out)
+        log(f"report docs: {len(paths)} tables in {args.out}")
+        return
     report = REPORTS[args.what]
     files = {name: list(getattr(args, name) or []) for name in report.args}
     missing = [f"--{name}" for name, paths in files.items() if not paths and name != "single"]
@@ -60,10 +69,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     from mop.report.registry import INPUTS, REPORTS
 
     p = sub.add_parser("report", help="a table or figure of the paper from finished runs")
-    p.add_argument("what", choices=list(REPORTS), help="the report (mop.report.registry)")
+    p.add_argument(
+        "what",
+        choices=[*REPORTS, "docs"],
+        help="the report (mop.report.registry), or docs: every table as a docs snippet",
+    )
     for name in INPUTS:
         p.add_argument(f"--{name}", nargs="*", help=f"the {name} files it reads")
-    p.add_argument("--out", required=True, help="output path without suffix")
+    p.add_argument("--config", nargs="+", help="docs: the run's config files")
+    p.add_argument("--results", help="docs: the results folder (default: the config's)")
+    p.add_argument("--out", required=True, help="output path without suffix (docs: a folder)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("publish", help="log tables and figures as a report run; sync MLflow")
