@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -147,6 +147,17 @@ class LoopState:
 State = TypeVar("State", bound=LoopState)
 
 
+class LoopSettings(Protocol):
+    """The settings of a stage's config that the loop reads (PretrainConfig, FinetuneConfig)."""
+
+    batch_size: int
+    seed: int
+    epochs: float
+    grad_accum: int
+    max_grad_norm: float | None
+    checkpoint_every: int
+
+
 @dataclass
 class Loop:
     """One run's training: what it trains, on which examples, for how long, and the
@@ -170,6 +181,40 @@ class Loop:
     after_step: Callable[[Any, torch.Tensor], None] | None = None
     after_epoch: Callable[[Any, float], bool] | None = None  # True: stop after this epoch
     kept: Callable[[Any], tuple[Any, dict[str, torch.Tensor] | None]] | None = None  # (tag, it)
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: LoopSettings,
+        name: str,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        checkpoint: Checkpoint,
+        loss_of: Callable[[np.ndarray, np.ndarray], torch.Tensor],
+        lengths: np.ndarray,
+        total_steps: int,
+        **hooks: Any,
+    ) -> Loop:
+        """A loop with a stage config's batch size, seed, epochs, accumulation, clipping and
+        checkpoint cadence; `hooks`: the other fields (rows, after_step, after_epoch, kept)."""
+        return cls(
+            name,
+            model,
+            optimizer,
+            scheduler,
+            checkpoint,
+            loss_of,
+            lengths,
+            cfg.batch_size,
+            cfg.seed,
+            cfg.epochs,
+            total_steps,
+            grad_accum=cfg.grad_accum,
+            max_grad_norm=cfg.max_grad_norm,
+            checkpoint_every=cfg.checkpoint_every,
+            **hooks,
+        )
 
     def resume(self, state: State) -> tuple[State, dict[str, torch.Tensor] | None]:
         """The checkpoint's state (and kept weights) if one matches this run, else `state`."""

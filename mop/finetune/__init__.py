@@ -20,22 +20,26 @@ or requeued job resumes to the same result as an uninterrupted one.
 Outputs: metrics.json, predictions.parquet (per example, for significance tests),
 mixture.parquet (final-layer [CLS] mixture weights on test, for mop) and optionally the
 best model as safetensors.
+
+The parts: `config` (the settings), `data` (splits, candidates, routes), `model` (the
+classifier and its heads), `evaluation` (predict, metrics, diagnostics), `selection`
+(dev selection and early stopping, the after-epoch hook), `result` (the run's outputs);
+here the task loss (`task_loss`, `batch_loss`) and `finetune` itself.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
-from safetensors.torch import save_model
 from transformers import get_linear_schedule_with_warmup
 
-from mop.checkpoint import Checkpoint, file_digest, fingerprint, trainable_state
+from mop.checkpoint import Checkpoint, file_digest, fingerprint
 from mop.errors import MopError
 from mop.finetune.config import POOLINGS, FinetuneConfig, execution_keys
 from mop.finetune.data import batch_inputs, load_data, with_candidates
@@ -47,21 +51,23 @@ from mop.finetune.evaluation import (
     routing_diagnostics,
 )
 from mop.finetune.model import Classifier, build_classifier, classifier_groups, model_part
+from mop.finetune.result import FinetuneResult, export_record, run_metrics
+from mop.finetune.selection import DevSelection, FinetuneState
 from mop.fusion import mixture_aux_loss
-from mop.io import atomic_path, write_json, write_parquet
-from mop.log import log
 from mop.models import ModelSpec, load_tokenizer
 from mop.runtime import Runtime, seed_all
 from mop.tasks import TaskSpec
 from mop.tasks.encode import EncodedSplit
 from mop.tracking import Tracker
-from mop.training import Loop, LoopState, share
+from mop.training import Loop, share
 
 __all__ = [
     "POOLINGS",
     "Classifier",
+    "DevSelection",
     "FinetuneConfig",
     "FinetuneResult",
+    "FinetuneState",
     "batch_inputs",
     "batch_loss",
     "build_classifier",
@@ -77,17 +83,6 @@ __all__ = [
     "task_loss",
     "with_candidates",
 ]
-
-
-@dataclass
-class FinetuneState(LoopState):
-    """The loop's state and early stopping's: the best dev score so far, its epoch and
-    dev probabilities (the final dev metrics are that epoch's own), epochs without gain."""
-
-    best_score: float = -math.inf
-    best_epoch: int = -1
-    best_dev: list | None = None
-    stale: int = 0
 
 
 def task_loss(task: TaskSpec, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -153,79 +148,52 @@ def run_fingerprint(
     return fingerprint(settings, *parts)
 
 
-@dataclass
-class DevSelection:
-    """The loop's after-epoch hook: evaluate on dev, log and track the epoch, keep the
-    best weights (`best`, checkpointed as the kept state), stop once `patience` epochs
-    in a row bring no gain."""
-
-    model: Classifier
-    task: TaskSpec
-    dev: EncodedSplit
-    cfg: FinetuneConfig
-    pad_id: int
-    rt: Runtime
-    name: str
-    tracker: Tracker | None = None
-    best: dict[str, torch.Tensor] | None = None
-
-    def kept(self, state: FinetuneState) -> tuple[int, dict[str, torch.Tensor] | None]:
-        return state.best_epoch, self.best
-
-    def __call__(self, state: FinetuneState, train_loss: float) -> bool:
-        task, cfg = self.task, self.cfg
-        probs, _, _ = predict(
-            self.model, task, self.dev, self.pad_id, cfg.eval_batch_size, runtime=self.rt
-        )
-        dev_metrics, _ = evaluate(task, self.dev, probs)
-        entry = {
-            "epoch": state.epoch,
-            "step": state.step,
-            "train_loss": train_loss,
-            **{f"dev_{k}": v for k, v in dev_metrics.items()},
-        }
-        state.history.append(entry)
-        improved = dev_metrics[task.main_metric] > state.best_score
-        if improved:
-            state.best_score, state.best_epoch = dev_metrics[task.main_metric], state.epoch
-            state.best_dev, state.stale = probs.tolist(), 0
-            self.best = trainable_state(self.model)
-        else:
-            state.stale += 1
-        speed = state.examples_per_s
-        log(
-            f"finetune {self.name} epoch {state.epoch + 1}/{cfg.epochs}: train loss "
-            f"{train_loss:.4f}, "
-            + ", ".join(f"dev {k} {v:.4f}" for k, v in dev_metrics.items())
-            + f"{' (best)' if improved else ''}, {speed:.1f} examples/s"
-        )
-        if self.tracker:
-            metrics = {k: v for k, v in entry.items() if k != "epoch"}
-            self.tracker.log_metrics(metrics | {"examples_per_s": speed}, state.epoch)
-        return state.stale >= cfg.patience
+def routed_links(
+    method: str, cfg: FinetuneConfig, links: str | Path | None, out: Path
+) -> str | Path | None:
+    """The links a run reads: a routed mixture's (which needs them); other runs ignore them."""
+    if not (method == "mop" and cfg.mixture.needs_links):
+        return None
+    if links is None:
+        raise MopError(f"finetune {out}: a routed mixture needs the task's links (--links)")
+    return links
 
 
-@dataclass
-class FinetuneResult:
-    """What a run produced. `save` writes it with metrics.json last, so a folder that has
-    metrics is complete; the model (best weights) and its record only with save_model."""
-
-    metrics: dict[str, Any]
-    predictions: pl.DataFrame  # per example and split, for significance tests
-    mixture: pl.DataFrame | None  # MoP: the test split's mixture weights
-    model: Classifier | None
-    record: dict[str, Any]
-
-    def save(self, out: Path) -> None:
-        write_parquet(self.predictions, out / "predictions.parquet")
-        if self.mixture is not None:
-            write_parquet(self.mixture, out / "mixture.parquet")
-        if self.model is not None:
-            self.model.cpu()
-            with atomic_path(out / "model.safetensors") as tmp:
-                save_model(self.model, str(tmp))
-            write_json(self.record, out / "model.json")
-        write_json(self.metrics, out / "metrics.json")
+def build_run(
+    spec: ModelSpec,
+    task: TaskSpec,
+    task_dir: str | Path,
+    method: str,
+    adapter_dirs: list[Path],
+    cfg: FinetuneConfig,
+    tokenizer: Any,
+    rt: Runtime,
+    encoded_dir: str | Path | None = None,
+    links: str | Path | None = None,
+    partition_dir: str | Path | None = None,
+) -> tuple[dict[str, EncodedSplit], Classifier, str | None]:
+    """A run's data (the three splits, with candidate vectors for the bilinear head) and
+    its fresh model; and the name of its fusion layer, if it has one."""
+    data = load_data(
+        spec,
+        task,
+        task_dir,
+        method,
+        len(adapter_dirs),
+        cfg,
+        tokenizer,
+        encoded_dir,
+        rt,
+        links,
+        partition_dir if adapter_dirs else None,
+    )
+    centre = None
+    if cfg.head == "bilinear":
+        data, centre = with_candidates(spec, tokenizer, data, task_dir, rt)
+    model, fusion_name = build_classifier(spec, task, method, adapter_dirs, cfg)
+    if centre is not None:
+        model.head.centre.copy_(centre)
+    return data, model, fusion_name
 
 
 def finetune(
@@ -250,34 +218,25 @@ def finetune(
     out = Path(out_dir)
     rt = runtime or Runtime.create("cpu")
     seed_all(cfg.seed)
-    routed = method == "mop" and cfg.mixture.needs_links
-    if routed and links is None:
-        raise MopError(f"finetune {out}: a routed mixture needs the task's links (--links)")
+    links = routed_links(method, cfg, links, out)
     tokenizer = load_tokenizer(spec)
     pad_id = tokenizer.pad_token_id
-    data = load_data(
+    data, model, fusion_name = build_run(
         spec,
         task,
         task_dir,
         method,
-        len(adapter_dirs),
+        adapter_dirs,
         cfg,
         tokenizer,
-        encoded_dir,
         rt,
-        links if routed else None,
-        partition_dir if adapter_dirs else None,
+        encoded_dir,
+        links,
+        partition_dir,
     )
-    centre = None
-    if cfg.head == "bilinear":
-        data, centre = with_candidates(spec, tokenizer, data, task_dir, rt)
-    model, fusion_name = build_classifier(spec, task, method, adapter_dirs, cfg)
-    if centre is not None:
-        model.head.centre.copy_(centre)
     forward = rt.prepare(model)
     train = data["train"]
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    total = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
     optimizer = rt.optimizer(classifier_groups(model, cfg))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup * total), total)
 
@@ -285,7 +244,8 @@ def finetune(
         return batch_loss(model, forward, task, train, micro, batch, cfg, rt, pad_id)
 
     selection = DevSelection(model, task, data["dev"], cfg, pad_id, rt, out.name, tracker)
-    loop = Loop(
+    loop = Loop.from_config(
+        cfg,
         f"finetune {out}",
         model,
         optimizer,
@@ -293,57 +253,24 @@ def finetune(
         Checkpoint(out / "checkpoint", run_fingerprint(spec, method, adapter_dirs, data, cfg)),
         loss_of,
         train.lengths,
-        cfg.batch_size,
-        cfg.seed,
-        cfg.epochs,
         total,
-        grad_accum=cfg.grad_accum,
-        max_grad_norm=cfg.max_grad_norm,
-        checkpoint_every=cfg.checkpoint_every,
         after_epoch=selection,
         kept=selection.kept,
     )
     state, selection.best = loop.resume(FinetuneState())
     state = loop.run(state)
 
-    history = state.history
-    if selection.best is None:
-        raise MopError(f"finetune {out}: no epoch was evaluated (epochs = {cfg.epochs})")
-    model.load_state_dict(selection.best, strict=False)
+    selection.restore_best(f"finetune {out}")
     results, frames, mixture = final_evaluation(
         model, task, data, state.best_dev, cfg, pad_id, fusion_name, rt
     )
-    metrics = {
-        "task": task.name,
-        "method": method,
-        "seed": cfg.seed,
-        "main_metric": task.main_metric,
-        "best_epoch": state.best_epoch,
-        "epochs_run": len(history),
-        "steps": state.step,
-        "examples_per_s": state.examples_per_s,
-        "train_seconds": state.seconds,
-        **{f"{s}_{k}": v for s, m in results.items() for k, v in m.items()},
-        "history": history,
-        "config": asdict(cfg),
-        "runtime": rt.describe() | {"peak_memory_mb": rt.peak_memory_mb()},
-    }
-    record = {  # what `mop export` needs to rebuild the model around its weights
-        "task": task.name,
-        "method": method,
-        "model": asdict(spec),
-        "adapters": [str(Path(d).resolve()) for d in adapter_dirs],
-        "finetune": asdict(cfg),
-        "links": str(Path(links).resolve()) if routed and links is not None else None,
-    }
-    result = FinetuneResult(
-        metrics, pl.concat(frames), mixture, model if cfg.save_model else None, record
-    )
-    result.save(out)
+    scores = {f"{s}_{k}": v for s, m in results.items() for k, v in m.items()}
+    metrics = run_metrics(task, method, cfg, state, scores, rt)
+    record = export_record(spec, task, method, adapter_dirs, cfg, links)
+    kept = model if cfg.save_model else None
+    FinetuneResult(metrics, pl.concat(frames), mixture, kept, record).save(out)
     loop.checkpoint.remove()
     if tracker:
-        tracker.log_metrics(
-            {f"{s}_{k}": v for s, m in results.items() for k, v in m.items()}, len(history)
-        )
+        tracker.log_metrics(scores, len(state.history))
         tracker.log_artifact(out / "metrics.json")
     return metrics
