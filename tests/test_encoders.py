@@ -153,6 +153,7 @@ def _write_config(folder: Path, config: object) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_an_architecture_adapters_cannot_wrap_stops_before_any_job(tmp_path):
     """A ModernBERT and a GPT-2 folder: one message naming the alias, the model_type and the
     supported families, from the config check and from a real workflow run."""
