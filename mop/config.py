@@ -221,12 +221,11 @@ def preflight(config: dict[str, Any], missing_ok: bool = False) -> list[str]:
     Missing input data (KG source files, task datasets) is collected: with `missing_ok`
     (a dry run, an estimate) it is returned as warnings, else it stops with all of it.
     """
-    from mop.models import resolve_model
+    from mop.models import check_models
 
     for alias in config["models"]:
         safe_name(alias, f"models.{alias}")
-    for alias in config["base_models"]:
-        resolve_model(alias, config["models"])
+    check_models(config)
     missing = []
     for name, kg_cfg in config["kgs"].items():
         safe_name(name, f"kgs.{name}")

@@ -246,3 +246,23 @@ def finished_run(tmp_path_factory, mlflow_server) -> Path:
     result = snakemake(work, tracking_uri=mlflow_server)
     assert result.returncode == 0, result.stderr[-5000:]
     return work
+
+
+@pytest.fixture(scope="session")
+def encoder_root(tmp_path_factory) -> Path:
+    """A folder holding `encoders/` (the offline test tokenizers and the RoBERTa folder of
+    tests/encoder_kit.py), the working folder the encoder configs' relative paths need."""
+    from tests.encoder_kit import encoder_folders
+
+    root = tmp_path_factory.mktemp("encoders")
+    encoder_folders(root / "encoders")
+    return root
+
+
+@pytest.fixture(scope="session")
+def encoder_models(encoder_root) -> dict:
+    """`models` entries of every encoder family (absolute folder paths), as the encoder
+    matrix config names them."""
+    from tests.encoder_kit import family_models
+
+    return family_models(encoder_root / "encoders")

@@ -13,7 +13,7 @@ import torch
 from mop.errors import MopError
 from mop.finetune.config import POOLINGS, FinetuneConfig
 from mop.fusion import add_mixture, mixtures, set_context
-from mop.models import ModelSpec, load_base_model
+from mop.models import ModelSpec, load_base_model, uses_token_types
 from mop.tasks import TaskSpec
 from mop.training import param_groups
 
@@ -58,9 +58,15 @@ class Classifier(torch.nn.Module):
         if head not in ("linear", "bilinear"):
             raise MopError(f"finetune.head: {head!r} is not linear or bilinear")
         if pooling == "pooler" and getattr(encoder, "pooler", None) is None:
-            raise MopError("finetune.pooling: pooler needs a base model with a pooler layer")
+            raise MopError(
+                f"finetune.pooling: pooler needs a base model with a pooler layer "
+                f"({encoder.config.model_type} has none: use cls or mean)"
+            )
         self.encoder = encoder
         self.pooling = pooling
+        # Segment ids reach only models that have segments (not RoBERTa, XLM-R, DeBERTa-v3,
+        # DistilBERT), whatever the tokenizer wrote.
+        self.segments = uses_token_types(encoder.config)
         self.dropout = torch.nn.Dropout(dropout)
         hidden = encoder.config.hidden_size
         if head == "bilinear" and outputs != 2:
@@ -92,7 +98,7 @@ class Classifier(torch.nn.Module):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.mixture_layers:
             set_context(self.mixture_layers, attention_mask, links)
-        if token_type_ids is not None:
+        if token_type_ids is not None and self.segments:
             inputs["token_type_ids"] = token_type_ids
         kwargs = {"output_adapter_fusion_attentions": True} if output_mixture else {}
         if route is None:

@@ -1,10 +1,11 @@
 """Knowledge infusion: one bottleneck adapter per partition, trained by entity prediction.
 
 For a triple (h, r, t) of a partition, the frozen base model with the partition's adapter
-reads `[CLS] h [SEP] r [SEP]` and a linear entity head over the [CLS] vector scores every
-entity of that partition; the loss (`entity_loss`, below) is the cross-entropy of t (paper
-section 2.2). Only the adapter and the head are trained. With `bidirectional`,
-`[CLS] r [SEP] t [SEP]` -> h examples are added, as in the original code's option.
+reads the pair (h, r) as its tokenizer lays out pairs (`[CLS] h [SEP] r [SEP]` for BERT,
+`<s> h </s></s> r </s>` for RoBERTa) and a linear entity head over the first token's
+vector scores every entity of that partition; the loss (`entity_loss`, below) is the
+cross-entropy of t (paper section 2.2). Only the adapter and the head are trained. With
+`bidirectional`, (r, t) -> h examples are added, as in the original code's option.
 
 The parts: `tokens` (the KG tokenized once, `tokenize_kg`), `data` (a partition's
 examples), `model` (the entity predictor), `probes` (the knowledge probe), `config` (the

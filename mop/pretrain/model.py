@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from mop.errors import MopError
 from mop.io import read_json
-from mop.models import ModelSpec, load_base_model
+from mop.models import ModelSpec, load_base_model, uses_token_types
 from mop.pretrain.config import PretrainConfig
 from mop.pretrain.data import PartitionData
 from mop.runtime import Runtime
@@ -24,7 +24,8 @@ class EntityPredictor(torch.nn.Module):
     """Base model + one adapter, and a linear entity head on the [CLS] vector.
 
     pooling `cls` reads the last layer's first token (the paper's "representation of the
-    [CLS] token"); `pooler` reads BERT's pooler output, and with `dropout` 0.1 this is the
+    [CLS] token"; `<s>` for RoBERTa-style models); `pooler` reads the pooler output of
+    models that have one, and with `dropout` 0.1 this is the
     original code's head (a sequence-classification head: pooler, dropout, linear)."""
 
     def __init__(
@@ -38,9 +39,13 @@ class EntityPredictor(torch.nn.Module):
         if pooling not in ("cls", "pooler"):
             raise MopError(f"pretrain.pooling: {pooling!r} is not cls or pooler")
         if pooling == "pooler" and getattr(encoder, "pooler", None) is None:
-            raise MopError("pretrain.pooling: pooler needs a base model with a pooler layer")
+            raise MopError(
+                "pretrain.pooling: pooler needs a base model with a pooler layer "
+                f"({encoder.config.model_type} has none: use cls)"
+            )
         self.encoder = encoder
         self.pooling = pooling
+        self.segments = uses_token_types(encoder.config)  # else token_type_ids are dropped
         self.dropout = torch.nn.Dropout(dropout)
         self.head = torch.nn.Linear(encoder.config.hidden_size, num_entities)
 
@@ -50,9 +55,8 @@ class EntityPredictor(torch.nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        out = self.encoder(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        )
+        types = {"token_type_ids": token_type_ids} if self.segments else {}
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **types)
         if self.pooling == "pooler":
             return out.pooler_output
         return out.last_hidden_state[:, 0]

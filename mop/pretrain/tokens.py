@@ -1,9 +1,11 @@
-"""The KG as entity-prediction examples, tokenized once per (KG, tokenizer).
+"""The KG as entity-prediction examples, tokenized once per (KG, model).
 
 `tokenize_kg` writes `tokens.parquet`, shared by all K partition jobs: entity and relation
-names are tokenized once each and concatenated, so SNOMED-size graphs tokenize in seconds.
-The two names are a sentence pair: the relation (or, backwards, the entity) is segment 1,
-as in the fine-tuning of pair tasks.
+names are tokenized once each and laid out by the tokenizer's own pair template
+(`mop.pairs`: `[CLS] h [SEP] r [SEP]` for BERT, `<s> h </s></s> r </s>` for RoBERTa), so
+SNOMED-size graphs tokenize in seconds and the examples are the tokens fine-tuning gives
+the same pair. The two names are a sentence pair: for models with segments the relation
+(or, backwards, the entity) is segment 1, as in the fine-tuning of pair tasks.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import polars as pl
 
 from mop.io import atomic_path
 from mop.kg import read_kg
-from mop.models import ModelSpec, load_tokenizer
+from mop.models import ModelSpec, encoder_config, load_tokenizer, uses_token_types
+from mop.pairs import PairTemplate, pair_template
 
 MAX_RELATION_TOKENS = 16
 
@@ -38,12 +41,14 @@ def tokenize_kg(
     """Write the entity-prediction examples of every triple of a KG; return their number.
 
     Columns: direction (0: (h, r) -> t, 1: (r, t) -> h), head, relation, tail, target (the
-    entity to predict), input_ids and token_type_ids (0 up to the first [SEP], 1 after).
+    entity to predict), input_ids (the two names laid out by the tokenizer's own pair
+    template: mop.pairs) and, for models with segments, token_type_ids (the template's).
     Names are truncated so that every example fits `max_length` tokens: the relation to 16
     tokens, then the entity name.
     """
     kg = read_kg(kg_dir)
     tok = load_tokenizer(spec)
+    template = pair_template(tok)
     ent_ids = _name_ids(tok, kg.entities["name"].to_list())
     rel_ids = [ids[:MAX_RELATION_TOKENS] for ids in _name_ids(tok, kg.relations["name"].to_list())]
     ents = pl.DataFrame(
@@ -54,7 +59,9 @@ def tokenize_kg(
         {"relation": kg.relations["id"], "r_ids": rel_ids},
         schema={"relation": pl.Int32, "r_ids": pl.List(pl.Int32)},
     )
-    cls, sep = tok.cls_token_id, tok.sep_token_id
+    columns = ["direction", "head", "relation", "tail", "target", "input_ids"]
+    if uses_token_types(encoder_config(spec)):
+        columns.append("token_type_ids")
     frames = []
     directions = [(0, "head", "tail")] + ([(1, "tail", "head")] if bidirectional else [])
     for direction, anchor, target in directions:
@@ -62,36 +69,38 @@ def tokenize_kg(
             kg.triples.join(ents.rename({"entity": anchor}), on=anchor)
             .join(rels, on="relation")
             .with_columns(
-                room=(max_length - 3 - pl.col("r_ids").list.len()).cast(pl.Int32),
+                room=(max_length - template.specials - pl.col("r_ids").list.len()).cast(pl.Int32),
                 direction=pl.lit(direction, dtype=pl.Int8),
                 target=pl.col(target),
             )
             .with_columns(e_ids=pl.col("e_ids").list.head(pl.col("room")))
         )
         first, second = ("e_ids", "r_ids") if direction == 0 else ("r_ids", "e_ids")
-        df = df.with_columns(
-            input_ids=pl.concat_list(
-                pl.lit([cls], dtype=pl.List(pl.Int32)),
-                first,
-                pl.lit([sep], dtype=pl.List(pl.Int32)),
-                second,
-                pl.lit([sep], dtype=pl.List(pl.Int32)),
-            ),
-            first_len=pl.col(first).list.len() + 2,
-            second_len=pl.col(second).list.len() + 1,
-        )
-        df = df.with_columns(
-            token_type_ids=pl.concat_list(
-                pl.lit(0, dtype=pl.Int8).repeat_by(pl.col("first_len")),
-                pl.lit(1, dtype=pl.Int8).repeat_by(pl.col("second_len")),
-            )
-        )
-        frames.append(
-            df.select(
-                "direction", "head", "relation", "tail", "target", "input_ids", "token_type_ids"
-            )
-        )
+        frames.append(_pair_columns(df, template, first, second).select(columns))
     out = pl.concat(frames).sort(["direction", "head", "relation", "tail"])
     with atomic_path(out_path) as tmp:
         out.write_parquet(tmp)
     return out.height
+
+
+def _pair_columns(
+    df: pl.DataFrame, template: PairTemplate, first: str, second: str
+) -> pl.DataFrame:
+    """input_ids and token_type_ids of the pairs (first, second) of two token-id columns."""
+
+    def ids(values: list[int]) -> pl.Expr:
+        return pl.lit(pl.Series([values], dtype=pl.List(pl.Int32)))
+
+    parts = [len(template.prefix), pl.col(first).list.len(), len(template.middle)]
+    parts += [pl.col(second).list.len(), len(template.suffix)]
+    return df.with_columns(
+        input_ids=pl.concat_list(
+            ids(template.prefix), first, ids(template.middle), second, ids(template.suffix)
+        ),
+        token_type_ids=pl.concat_list(
+            [
+                pl.lit(t, dtype=pl.Int8).repeat_by(n)
+                for t, n in zip(template.types, parts, strict=True)
+            ]
+        ),
+    )

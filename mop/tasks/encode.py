@@ -3,9 +3,14 @@
 Every seed, method and mixture of a task reads the same tokens, so the workflow's `encode`
 rule tokenizes each prepared split once (`mop encode`) instead of once per run. A split's
 tokens are one row per sequence - per example, or per (example, option) for choice tasks -
-with `input_ids` and, for tokenizers that have segments, `token_type_ids`: sentence pairs
-(PubMedQA, BioASQ, MedNLI, MedQA, the pair-format probe) carry segment 1 on the second
-text, as BERT was pretrained and as the original fine-tuning code passed them.
+laid out by the tokenizer's own template (`[CLS] a [SEP] b [SEP]` for BERT, `<s> a </s></s>
+b </s>` for RoBERTa and XLM-R), with `input_ids` and, for tokenizers that write segments,
+`token_type_ids`: sentence pairs (PubMedQA, BioASQ, MedNLI, MedQA, the pair-format probe)
+carry segment 1 on the second text, as BERT was pretrained and as the original fine-tuning
+code passed them. Tokens are shared by every model with the same tokenizer, so the model
+decides: segment ids reach only models that have more than one token type
+(`mop.models.uses_token_types`; a random DistilBERT reading MiniLM's vocabulary ignores
+them).
 
 `encoding.json` records the tokenizer, max_length and the digest of every split file it
 read; fine-tuning refuses tokens made from another version of a split.
