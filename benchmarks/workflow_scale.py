@@ -102,7 +102,8 @@ def run_stage(
     name: str, argv: list[str], out: Path, env: dict, logs: Path, cap_mb: float
 ) -> dict[str, Any]:
     """Run one `mop` job as its own process; its wall, CPU and peak RSS (`wait4`: this
-    process's own), and output size. A job over the memory limit is killed and marked."""
+    process's own), and output size. A job over the memory limit, or running while the
+    machine has almost nothing left, is killed and marked."""
     log = logs / f"{name}.log"
     load = os.getloadavg()[0]
     limit = memory_limit_mb(cap_mb)
@@ -116,7 +117,8 @@ def run_stage(
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            if not over and _rss_mb(proc.pid) > limit:
+            short = psutil.virtual_memory().available < 256 * 2**20  # others need it too
+            if not over and (_rss_mb(proc.pid) > limit or short):
                 over = True
                 proc.kill()
             time.sleep(0.2)
@@ -344,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=sorted(SIZES), default="sfull")
     p.add_argument("--steps", type=int, help="pretraining steps (default 20)")
+    p.add_argument("--scale", type=float, default=1.0, help="a share of the size (trials)")
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, help="where everything goes (default: a tmp dir)")
@@ -362,6 +365,9 @@ def main(argv: list[str] | None = None) -> None:
         size = replace(size, **SMOKE_RUN)
     if args.steps:
         size = replace(size, steps=args.steps)
+    if args.scale != 1.0:
+        fields = ("concepts", "mrrel_rows", "entities", "triples")
+        size = replace(size, **{f: round(getattr(size, f) * args.scale) for f in fields})
     if args.make_inputs:
         options = make_inputs(size, args.workdir, args.seed)
         record = {"made": _made(size, args.seed), "kg_options": options}
@@ -374,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         args.workdir = Path(tmp.name)
     start = time.perf_counter()
     child = ["--size", args.size, "--seed", str(args.seed), "--workdir", str(args.workdir)]
+    child += ["--scale", str(args.scale)]
     kg_options = inputs(size, args.workdir, args.seed, child + ["--smoke"] * args.smoke)
     generate_s = time.perf_counter() - start
     results = args.workdir / "results"
