@@ -21,6 +21,10 @@ Targets (issue 26), 2 cores, SFull size: every stage but pretrain at most 120 s 
     python -m benchmarks.workflow_scale                      # SFull size
     python -m benchmarks.workflow_scale --size all-umls      # 4M entities, 40M triples
     python -m benchmarks.workflow_scale --smoke              # seconds: the same path
+    python -m benchmarks.workflow_scale --size all-umls --scale 0.5  # half of it
+
+A job above `--memory-cap-mb` (24 GB), or above what the machine has free less 1 GB, is
+stopped and marked (`killed_over_mb`); the stages that read its output are skipped.
 
 The last line printed is one JSON object: `stages` (per stage wall_s, cpu_s,
 peak_rss_mb, output_mb), the totals, the entity head and the targets.
