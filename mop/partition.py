@@ -156,6 +156,45 @@ class Partition:
     stats: dict
 
 
+def partition_stats(
+    triples: pl.DataFrame, adj: sp.csr_array, membership: np.ndarray, keep: np.ndarray, k: int
+) -> dict:
+    """Sizes, retained triples, edge cut and entities without triples of a partition;
+    `keep` marks the triples whose head and tail share a partition."""
+    n = membership.size
+    sizes = np.bincount(membership, minlength=k)
+    h = triples["head"].to_numpy()
+    t = triples["tail"].to_numpy()
+    cut, neighbour_inside = edge_cut(adj, membership)
+    with_loop = np.zeros(n, dtype=bool)
+    with_loop[h[h == t]] = True
+    has_triple = (np.diff(adj.indptr) > 0) | with_loop
+    has_kept = neighbour_inside | with_loop
+    retained = int(np.count_nonzero(keep))
+    pairs = adj.nnz // 2
+    return {
+        "entities": n,
+        "entities_per_partition": sizes.tolist(),
+        "entities_min": int(sizes.min()),
+        "entities_mean": float(sizes.mean()),
+        "entities_max": int(sizes.max()),
+        "imbalance": float(sizes.max() / sizes.mean()),
+        "triples": triples.height,
+        "triples_retained": retained,
+        "triples_retained_share": retained / triples.height if triples.height else 0.0,
+        "triples_per_partition": np.bincount(membership[h][keep], minlength=k).tolist(),
+        "entity_pairs": pairs,
+        "edge_cut": cut,
+        "edge_cut_share": cut / pairs if pairs else 0.0,
+        "entities_without_triples": int(n - np.count_nonzero(has_triple)),
+        "entities_without_triples_per_partition": np.bincount(
+            membership[~has_triple], minlength=k
+        ).tolist(),
+        "entities_without_triples_placement": ISOLATED_PLACEMENT,
+        "entities_without_triple_in_partition": int(n - np.count_nonzero(has_kept)),
+    }
+
+
 def partition_graph(
     triples: pl.DataFrame,
     num_entities: int,
@@ -190,10 +229,8 @@ def partition_graph(
         raise MopError(
             f"partition: K = {k} left partition {int(np.argmin(sizes))} empty; use a smaller K"
         )
-    h = triples["head"].to_numpy()
-    t = triples["tail"].to_numpy()
-    part_of_head = membership[h]
-    keep = part_of_head == membership[t]
+    part_of_head = membership[triples["head"].to_numpy()]
+    keep = part_of_head == membership[triples["tail"].to_numpy()]
     kept = (
         triples.with_columns(partition=pl.Series(part_of_head, dtype=pl.Int32))
         .filter(pl.Series(keep))
@@ -206,39 +243,8 @@ def partition_graph(
             "local": local_index(membership),
         }
     )
-    cut, neighbour_inside = edge_cut(adj, membership)
-    with_loop = np.zeros(n, dtype=bool)
-    with_loop[h[h == t]] = True
-    has_triple = (np.diff(adj.indptr) > 0) | with_loop
-    has_kept = neighbour_inside | with_loop
-    retained = int(np.count_nonzero(keep))
-    pairs = adj.nnz // 2
-    stats = {
-        "k": k,
-        "seed": seed,
-        "ufactor": ufactor,
-        "weighted": weighted,
-        "shuffle": shuffle,
-        "entities": n,
-        "entities_per_partition": sizes.tolist(),
-        "entities_min": int(sizes.min()),
-        "entities_mean": float(sizes.mean()),
-        "entities_max": int(sizes.max()),
-        "imbalance": float(sizes.max() / sizes.mean()),
-        "triples": triples.height,
-        "triples_retained": retained,
-        "triples_retained_share": retained / triples.height if triples.height else 0.0,
-        "triples_per_partition": np.bincount(part_of_head[keep], minlength=k).tolist(),
-        "entity_pairs": pairs,
-        "edge_cut": cut,
-        "edge_cut_share": cut / pairs if pairs else 0.0,
-        "entities_without_triples": int(n - np.count_nonzero(has_triple)),
-        "entities_without_triples_per_partition": np.bincount(
-            membership[~has_triple], minlength=k
-        ).tolist(),
-        "entities_without_triples_placement": ISOLATED_PLACEMENT,
-        "entities_without_triple_in_partition": int(n - np.count_nonzero(has_kept)),
-    }
+    settings = {"k": k, "seed": seed, "ufactor": ufactor, "weighted": weighted, "shuffle": shuffle}
+    stats = settings | partition_stats(triples, adj, membership, keep, k)
     return Partition(member_df, kept, stats)
 
 

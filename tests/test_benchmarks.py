@@ -105,6 +105,28 @@ def _synthetic(line, tmp):
     assert (tmp / "kg" / "triples.parquet").is_file()
 
 
+def _workflow(line, tmp):
+    assert list(line["stages"]) == [
+        "kg",
+        "partition",
+        "tokenize",
+        "pretrain",
+        "task",
+        "link",
+        "encode",
+    ]
+    for name, stage in line["stages"].items():
+        assert stage["wall_s"] > 0 and stage["cpu_s"] > 0, name
+        assert stage["peak_rss_mb"] > 50 and stage["output_mb"] > 0, name
+    assert line["peak_rss_mb"] == max(s["peak_rss_mb"] for s in line["stages"].values())
+    assert line["graph"]["k"] == 4 and line["tokens"] == line["graph"]["triples"]
+    head = line["head"]
+    assert head["entities"] == line["pretrained_partition"]["entities"] and head["steps"] == 2
+    assert head["head_mb"] > 0 and head["probe_examples"] == 20
+    assert line["linking"]["inputs"] == 80 and line["linking"]["names"] > 1000
+    assert line["targets_met"] is None  # targets: the full sizes only
+
+
 def _flat(d, prefix=""):
     out = {}
     for k, v in d.items():
@@ -121,6 +143,7 @@ SMOKE_CHECKS = {
     "partition_scale": ([], _partition),
     "kg_umls": ([], _kg),
     "synthetic_graph": (["--out", "{tmp}/kg"], _synthetic),
+    "workflow_scale": ([], _workflow),
 }
 
 
@@ -133,3 +156,50 @@ def test_benchmark_smoke_size_runs_the_same_code_path(name, tmp_path):
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert line["smoke"] is True
     check(line, tmp_path)
+
+
+def test_workflow_scale_smoke_runs_the_all_umls_path(tmp_path):
+    """The all-UMLS size builds its graph as a triples table (`mop kg`, source triples)."""
+    args = ["--smoke", "--size", "all-umls", "--workdir", str(tmp_path)]
+    result = run(sys.executable, "-m", "benchmarks.workflow_scale", *args, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["size"] == "all-umls" and line["smoke"] is True
+    _workflow(line, tmp_path)
+    assert line["graph"]["triples"] == 12000
+    kg = json.loads((tmp_path / "inputs.json").read_text())["kg_options"]
+    assert kg["source"] == "triples"
+
+
+def test_workflow_scale_targets_and_totals_count_only_the_stages_that_ran():
+    from benchmarks.workflow_scale import SIZES, targets, totals
+
+    def stage(wall, rss, **extra):
+        return {"wall_s": wall, "cpu_s": wall / 2, "peak_rss_mb": rss, "output_mb": 1.0, **extra}
+
+    stages = {
+        "kg": stage(30, 1200),
+        "tokenize": stage(119, 4097),  # over 4 GB
+        "pretrain": stage(500, 2000),  # training: no SFull target
+        "link": stage(61, 600),  # over 60 s
+        "encode": stage(10, 30000, killed_over_mb=20000),
+        "task": {"skipped": "no partition output"},
+    }
+    assert targets(SIZES["sfull"], stages, smoke=False) == {
+        "kg": True,
+        "tokenize": False,
+        "link": False,
+        "encode": False,
+        "task": False,
+    }
+    met = targets(SIZES["all-umls"], stages, smoke=False)
+    assert met == {
+        "kg": True,
+        "tokenize": True,
+        "pretrain": True,
+        "link": True,
+        "encode": False,
+        "task": False,
+    }
+    assert targets(SIZES["sfull"], stages, smoke=True) is None
+    assert totals(stages) == {"wall_s": 720, "cpu_s": 360, "peak_rss_mb": 30000, "output_mb": 5.0}

@@ -6,6 +6,7 @@ in the release formats (RRF with its trailing `|`; RF2 with tabs, a header and C
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -24,7 +25,7 @@ from mop.kg.rf2 import concept_names, find_files, load_rf2, scan_rf2
 from mop.kg.sources import build_kg
 from mop.kg.synthetic import RELATIONS, write_umls_release
 from mop.kg.triples import load_triples
-from mop.kg.umls import PAPER_S20REL, keep_direction, load_umls
+from mop.kg.umls import PAPER_S20REL, keep_direction, load_umls, relation_display
 from mop.partition import run_partition
 from tests.conftest import REPO
 
@@ -139,6 +140,37 @@ def test_keep_direction_keeps_the_papers_direction():
     kept = {keep_direction(r, i).replace("_", " ") for r, i, *_ in RELATIONS[:20]}
     assert kept == set(PAPER_S20REL)
     assert keep_direction("isa", "inverse_isa") == "isa"
+
+
+def test_relation_names_are_expanded_forms_unless_two_relas_share_one():
+    display = {"has_a": "Has part", "has_b": "Has part", "has_c": "Has thing"}
+    chosen = ["has_a", "has_b", "has_c", "no_doc"]
+    assert relation_display(chosen, display, "expanded_form") == {
+        "has_a": "has a",
+        "has_b": "has b",
+        "has_c": "Has thing",
+        "no_doc": "no doc",
+    }
+    assert set(relation_display(chosen, display, "rela").values()) == {
+        "has a",
+        "has b",
+        "has c",
+        "no doc",
+    }
+
+
+def test_synthetic_release_bytes_are_pinned(tmp_path):
+    """The generator is seeded: the same arguments give the same files, byte for byte
+    (the benchmarks' releases and every figure measured on them stay comparable)."""
+    write_umls_release(tmp_path, concepts=500, mrrel_rows=7000, seed=1, chunk_rows=3000)
+    digests = {
+        f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in (tmp_path / "META").iterdir()
+    }
+    assert digests == {
+        "MRCONSO.RRF": "1afd79584e23845214673a33b3828b7b",
+        "MRDOC.RRF": "3cf9a1c440f52ab081cec91af46055c4",
+        "MRREL.RRF": "279f809b15e50f63669434b0b0b2221c",
+    }
 
 
 def test_synthetic_release_gives_the_papers_s20rel_and_fast_path_matches(tmp_path):

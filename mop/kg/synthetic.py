@@ -95,7 +95,8 @@ def _write_rrf(df: pl.DataFrame, fields: list[str], fh) -> None:
     ).write_csv(fh, separator="|", include_header=False, quote_style="never", null_value="")
 
 
-def _names(rng: np.random.Generator, n: int) -> pl.Series:
+def synthetic_names(rng: np.random.Generator, n: int) -> pl.Series:
+    """`n` concept names: three vocabulary words and a number (some repeat, as real ones do)."""
     words = pl.Series(WORDS.split())
     parts = [words.gather(rng.integers(0, words.len(), n)) for _ in range(3)]
     numbers = pl.Series(rng.integers(1, 100, n)).cast(pl.String)
@@ -107,27 +108,17 @@ def _names(rng: np.random.Generator, n: int) -> pl.Series:
 def _atoms(frame: pl.DataFrame, kind: int, **fields: str | pl.Expr | pl.Series) -> pl.DataFrame:
     """MRCONSO rows for each concept of `frame`: an English preferred-form SNOMED atom unless
     `fields` says otherwise (plain strings are literals). `kind` orders a concept's atoms."""
-    row: dict[str, str | pl.Expr | pl.Series] = {
-        "LAT": "ENG",
-        "TS": "P",
-        "STT": "PF",
-        "ISPREF": "Y",
-        "SAB": SAB,
-        "SUPPRESS": "N",
-    } | fields
+    row = dict(LAT="ENG", TS="P", STT="PF", ISPREF="Y", SAB=SAB, SUPPRESS="N") | fields
     values = {k: pl.lit(v) if isinstance(v, str) else v for k, v in row.items()}
     return frame.select("cui", "sct", "order", **values, kind=pl.lit(kind))
 
 
-def mrconso_frame(n_concepts: int, rng: np.random.Generator) -> tuple[pl.DataFrame, dict]:
-    """MRCONSO rows for `n_concepts` SNOMED concepts plus MSH-only concepts.
-
-    Returns the rows and, for the generator of MRREL, the CUI numbers of live SNOMED
-    concepts, retired ones (every SNOMED atom suppressed) and MSH-only concepts.
-    """
+def _concepts(n_concepts: int, rng: np.random.Generator) -> tuple[pl.DataFrame, np.ndarray]:
+    """The SNOMED concepts (CUI number, code, name and which traps each carries) and the
+    CUI numbers of MSH-only concepts."""
     cuis = np.cumsum(rng.integers(1, 20, n_concepts + n_concepts // 10 + 1))
     snomed, msh_only = cuis[:n_concepts], cuis[n_concepts:]
-    names = _names(rng, n_concepts)
+    names = synthetic_names(rng, n_concepts)
     # Some concepts share a name with another concept on purpose.
     dup = rng.random(n_concepts) < 0.005
     names = names.scatter(np.flatnonzero(dup), names.gather(rng.integers(0, n_concepts, dup.sum())))
@@ -148,15 +139,20 @@ def mrconso_frame(n_concepts: int, rng: np.random.Generator) -> tuple[pl.DataFra
             "order": rng.random(n_concepts),
         }
     )
+    return base, msh_only
+
+
+def _snomed_atoms(base: pl.DataFrame) -> list[pl.DataFrame]:
+    """Each concept's SNOMED atoms (PT or a suppressed OP, FN, synonyms) and its other
+    sources' (MSH, Spanish)."""
     sup = pl.when(pl.col("retired")).then(pl.lit("O")).otherwise(pl.lit("N"))
+    suppressed_pt = pl.col("pt_suppressed")
     pt = _atoms(
         base,
         kind=1,
-        TTY=pl.when(pl.col("pt_suppressed")).then(pl.lit("OP")).otherwise(pl.lit("PT")),
-        STR=pl.when(pl.col("pt_suppressed"))
-        .then(pl.col("name") + " (obsolete)")
-        .otherwise(pl.col("name")),
-        SUPPRESS=pl.when(pl.col("pt_suppressed")).then(pl.lit("O")).otherwise(sup),
+        TTY=pl.when(suppressed_pt).then(pl.lit("OP")).otherwise(pl.lit("PT")),
+        STR=pl.when(suppressed_pt).then(pl.col("name") + " (obsolete)").otherwise(pl.col("name")),
+        SUPPRESS=pl.when(suppressed_pt).then(pl.lit("O")).otherwise(sup),
     )
     fn = _atoms(
         base,
@@ -168,7 +164,7 @@ def mrconso_frame(n_concepts: int, rng: np.random.Generator) -> tuple[pl.DataFra
         SUPPRESS=sup,
     )
     # A synonym that is the preferred atom of its string: the fallback name.
-    fallback = _atoms(base.filter(pl.col("pt_suppressed")), kind=2, TTY="SY", STR=pl.col("name"))
+    fallback = _atoms(base.filter(suppressed_pt), kind=2, TTY="SY", STR=pl.col("name"))
     sy = _atoms(
         base.filter(pl.col("n_sy") > 0)
         .with_columns(pl.int_ranges(0, pl.col("n_sy")).alias("i"))
@@ -196,23 +192,23 @@ def mrconso_frame(n_concepts: int, rng: np.random.Generator) -> tuple[pl.DataFra
         TTY="PT",
         STR=pl.lit("trastorno ") + pl.col("name"),
     )
-    n_msh = msh_only.size
-    msh_only_df = _atoms(
-        pl.DataFrame(
-            {"cui": msh_only, "sct": np.zeros(n_msh, dtype=np.int64), "order": rng.random(n_msh)}
-        ),
-        kind=-1,
-        SAB="MSH",
-        TTY="MH",
-        STR=_names(rng, n_msh),
+    return [pt, fn, fallback, sy, msh, spa]
+
+
+def _msh_only_atoms(msh_only: np.ndarray, rng: np.random.Generator) -> pl.DataFrame:
+    """One MeSH heading per concept that has no SNOMED atom."""
+    n = msh_only.size
+    frame = pl.DataFrame(
+        {"cui": msh_only, "sct": np.zeros(n, dtype=np.int64), "order": rng.random(n)}
     )
-    atoms = (
-        pl.concat([pt, fn, fallback, sy, msh, spa, msh_only_df], how="vertical_relaxed")
-        # Atoms of a concept are grouped; within it the MSH atom sometimes comes first.
-        .sort(["cui", "kind"])
-        .with_row_index("aui")
-    )
-    rows = atoms.select(
+    return _atoms(frame, kind=-1, SAB="MSH", TTY="MH", STR=synthetic_names(rng, n))
+
+
+def _mrconso_rows(atoms: pl.DataFrame) -> pl.DataFrame:
+    """The atoms as MRCONSO's 18 fields, identifiers derived from the atom's number."""
+    msh = pl.col("SAB") == "MSH"
+    sct = pl.col("sct").cast(pl.String)
+    return atoms.select(
         CUI=_cui(pl.col("cui")),
         LAT="LAT",
         TS="TS",
@@ -224,37 +220,46 @@ def mrconso_frame(n_concepts: int, rng: np.random.Generator) -> tuple[pl.DataFra
         SAUI=pl.when(pl.col("SAB") == SAB)
         .then((pl.col("aui") * 10 + 11).cast(pl.String))
         .otherwise(pl.lit("")),
-        SCUI=pl.when(pl.col("SAB") == "MSH")
-        .then(_code("M", pl.col("cui"), 7))
-        .otherwise(pl.col("sct").cast(pl.String)),
-        SDUI=pl.when(pl.col("SAB") == "MSH")
-        .then(_code("D", pl.col("cui"), 6))
-        .otherwise(pl.lit("")),
+        SCUI=pl.when(msh).then(_code("M", pl.col("cui"), 7)).otherwise(sct),
+        SDUI=pl.when(msh).then(_code("D", pl.col("cui"), 6)).otherwise(pl.lit("")),
         SAB="SAB",
         TTY="TTY",
-        CODE=pl.when(pl.col("SAB") == "MSH")
-        .then(_code("D", pl.col("cui"), 6))
-        .otherwise(pl.col("sct").cast(pl.String)),
+        CODE=pl.when(msh).then(_code("D", pl.col("cui"), 6)).otherwise(sct),
         STR="STR",
-        SRL=pl.when(pl.col("SAB") == "MSH").then(pl.lit("0")).otherwise(pl.lit("9")),
+        SRL=pl.when(msh).then(pl.lit("0")).otherwise(pl.lit("9")),
         SUPPRESS="SUPPRESS",
         CVF=pl.when(pl.col("kind") == 1).then(pl.lit("256")).otherwise(pl.lit("")),
+    )
+
+
+def mrconso_frame(n_concepts: int, rng: np.random.Generator) -> tuple[pl.DataFrame, dict]:
+    """MRCONSO rows for `n_concepts` SNOMED concepts plus MSH-only concepts.
+
+    Returns the rows and, for the generator of MRREL, the CUI numbers of live SNOMED
+    concepts, retired ones (every SNOMED atom suppressed) and MSH-only concepts.
+    """
+    base, msh_only = _concepts(n_concepts, rng)
+    atoms = (
+        pl.concat([*_snomed_atoms(base), _msh_only_atoms(msh_only, rng)], how="vertical_relaxed")
+        # Atoms of a concept are grouped; within it the MSH atom sometimes comes first.
+        .sort(["cui", "kind"])
+        .with_row_index("aui")
     )
     pt_aui = atoms.filter(pl.col("kind") == 1).select(
         "cui", AUI=_code("A", pl.col("aui") + 1000, 8)
     )
     # MRREL refers to concepts by index into these aligned columns.
-    all_cuis = np.concatenate([snomed, msh_only])
+    all_cuis = np.concatenate([base["cui"].to_numpy(), msh_only])
     aui_of = dict(zip(pt_aui["cui"].to_list(), pt_aui["AUI"].to_list(), strict=True))
-    n_snomed = snomed.size
+    retired = base["retired"].to_numpy()
     info = {
         "cui": pl.Series(all_cuis).to_frame("c").select(_cui(pl.col("c")))["c"],
         "aui": pl.Series([aui_of.get(int(c), "") for c in all_cuis], dtype=pl.String),
         "live": np.flatnonzero(~retired),
         "retired": np.flatnonzero(retired),
-        "msh_only": n_snomed + np.arange(msh_only.size),
+        "msh_only": base.height + np.arange(msh_only.size),
     }
-    return rows, info
+    return _mrconso_rows(atoms), info
 
 
 def mrdoc_frame() -> pl.DataFrame:
@@ -287,11 +292,12 @@ def _pick(rng: np.random.Generator, pool: np.ndarray, n: int) -> np.ndarray:
     return pool[(pool.size * rng.random(n) ** 2).astype(np.int64)]
 
 
-def mrrel_chunk(n_rows: int, info: dict, rng: np.random.Generator, rui_start: int) -> pl.DataFrame:
-    """Exactly `n_rows` MRREL rows: SNOMED relationships in both directions plus noise."""
+def _relationship_rows(
+    n_pairs: int, info: dict, rng: np.random.Generator, rui_start: int
+) -> pl.DataFrame:
+    """`n_pairs` SNOMED relationships, each as its row and its inverse row (columns c1, c2:
+    concept indices into `info`; REL, RELA, SAB, SUPPRESS; rui: the row's number)."""
     weights = np.array([r[4] for r in RELATIONS])
-    n_pairs = int(n_rows * 0.94) // 2
-    n_noise = n_rows - 2 * n_pairs
     kinds = rng.choice(len(RELATIONS), size=n_pairs, p=weights / weights.sum())
     live, retired = info["live"], info["retired"]
     a = _pick(rng, live, n_pairs)
@@ -305,7 +311,7 @@ def mrrel_chunk(n_rows: int, info: dict, rng: np.random.Generator, rui_start: in
     suppressed |= use_retired & (rng.random(n_pairs) < 0.5)
     column = [pl.Series([r[i] for r in RELATIONS]) for i in range(4)]
     # Row "CUI1 ... CUI2 ... RELA" says CUI2 --RELA--> CUI1; a --rela--> b is (b, a, rela).
-    pairs = pl.DataFrame(
+    return pl.DataFrame(
         {
             "c1": np.concatenate([b, a]),
             "c2": np.concatenate([a, b]),
@@ -316,7 +322,15 @@ def mrrel_chunk(n_rows: int, info: dict, rng: np.random.Generator, rui_start: in
             "rui": rui_start + np.arange(2 * n_pairs),
         }
     )
+
+
+def mrrel_chunk(n_rows: int, info: dict, rng: np.random.Generator, rui_start: int) -> pl.DataFrame:
+    """Exactly `n_rows` MRREL rows: SNOMED relationships in both directions plus noise."""
+    n_pairs = int(n_rows * 0.94) // 2
+    n_noise = n_rows - 2 * n_pairs
+    pairs = _relationship_rows(n_pairs, info, rng, rui_start)
     # Noise: sibling rows without a RELA, another source's rows, exact duplicates.
+    live = info["live"]
     n_msh = n_noise // 3
     n_dup = min(n_noise // 3, 2 * n_pairs)
     n_sib = n_noise - n_msh - n_dup

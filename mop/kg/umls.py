@@ -82,6 +82,8 @@ MRREL_FIELDS = (
     "CVF",
 )
 MRDOC_FIELDS = ("DOCKEY", "VALUE", "TYPE", "EXPL")
+# What naming a concept reads of its atoms.
+ATOM_FIELDS = ("CUI", "LAT", "TS", "STT", "ISPREF", "TTY", "STR", "SUPPRESS")
 
 # The relations of the paper's S20Rel (its appendix A.1), RELA with `_` -> space.
 PAPER_S20REL = (
@@ -171,18 +173,7 @@ def concept_names(
         scan_rrf(path, MRCONSO_FIELDS)
         .with_row_index("line", offset=1)
         .filter(pl.col("SAB") == sab)
-        .select(
-            "line",
-            "CUI",
-            "LAT",
-            "TS",
-            "STT",
-            "ISPREF",
-            "TTY",
-            "STR",
-            "SUPPRESS",
-            code=cui_code("CUI"),
-        )
+        .select("line", *ATOM_FIELDS, code=cui_code("CUI"))
         .collect()
     )
     bad = atoms.filter(pl.col("code") < 0)
@@ -292,6 +283,60 @@ def select_relations(
     }
 
 
+def relation_rows(
+    mrrel: Path, *, sab: str, rel: Sequence[str] | str, include_suppressed: bool
+) -> pl.DataFrame:
+    """(head, RELA, tail) codes of the MRREL rows of `sab` with a RELA and a REL in `rel`."""
+    rows = scan_rrf(mrrel, MRREL_FIELDS).filter((pl.col("SAB") == sab) & (pl.col("RELA") != ""))
+    if rel != "all":
+        rows = rows.filter(pl.col("REL").is_in(list(rel)))
+    if not include_suppressed:
+        rows = rows.filter(pl.col("SUPPRESS") == "N")
+    rows = rows.select(
+        head=cui_code("CUI2"), RELA=pl.col("RELA").cast(pl.Categorical), tail=cui_code("CUI1")
+    ).collect()
+    if rows.height == 0:
+        raise MopError(
+            f"{mrrel}: no relation rows left after filtering (SAB={sab}, REL in {rel}, "
+            f"a RELA{'' if include_suppressed else ', SUPPRESS=N'})"
+        )
+    return rows
+
+
+def named_rows(
+    rows: pl.DataFrame, names: pl.DataFrame, known: pl.Series, mrrel: Path, mrconso: Path, sab: str
+) -> tuple[pl.DataFrame, int]:
+    """The rows whose both concepts have a usable name, and how many rows are left out.
+    A concept without any atom of `sab` is an error naming its first MRREL line."""
+    codes = pl.concat([rows["head"], rows["tail"]]).unique()
+    unknown = codes.filter(~codes.is_in(known.implode()))
+    if unknown.len():
+        code = int(unknown.sort()[0])
+        what = (
+            f"concept C{code:07d} has no {sab} atom in {mrconso}"
+            if code >= 0
+            else "a CUI is not C + 7 digits"
+        )
+        raise MopError(f"{mrrel}:{_first_line(mrrel, sab, code)}: {what}")
+    named = names["code"].implode()
+    usable = rows.filter(pl.col("head").is_in(named) & pl.col("tail").is_in(named))
+    return usable, rows.height - usable.height
+
+
+def relation_display(chosen: Sequence[str], display: dict[str, str], style: str) -> dict[str, str]:
+    """Each kept RELA's relation name: MRDOC's expanded form, or (`style` rela, or none
+    given) the RELA with `_` -> space; two RELAs sharing an expanded form keep their RELAs."""
+    if style == "rela":
+        names_of = {r: r.replace("_", " ") for r in chosen}
+    else:
+        names_of = {r: display.get(r) or r.replace("_", " ") for r in chosen}
+    taken = list(names_of.values())
+    for r, name in names_of.items():
+        if taken.count(name) > 1:
+            names_of[r] = r.replace("_", " ")
+    return names_of
+
+
 def load_umls(
     path: str | Path,
     *,
@@ -313,9 +358,7 @@ def load_umls(
     """
     if relations and top_relations is not None:
         raise MopError(f"config key {key}: set either relations or top_relations, not both")
-    mrconso = release_file(path, "MRCONSO.RRF")
-    mrrel = release_file(path, "MRREL.RRF")
-    mrdoc = release_file(path, "MRDOC.RRF")
+    mrconso, mrrel, mrdoc = (release_file(path, f"{f}.RRF") for f in ("MRCONSO", "MRREL", "MRDOC"))
     meta: dict[str, Any] = {"source": "umls", "sab": sab, "rel": rel, "path": str(path)}
     meta["mrconso_lines"] = check_delimited(mrconso, fields=len(MRCONSO_FIELDS))
     meta["mrrel_lines"] = check_delimited(mrrel, fields=len(MRREL_FIELDS))
@@ -329,60 +372,19 @@ def load_umls(
         include_suppressed=include_suppressed,
     )
     meta |= name_counts
-    rows = scan_rrf(mrrel, MRREL_FIELDS).filter((pl.col("SAB") == sab) & (pl.col("RELA") != ""))
-    if rel != "all":
-        rows = rows.filter(pl.col("REL").is_in(list(rel)))
-    if not include_suppressed:
-        rows = rows.filter(pl.col("SUPPRESS") == "N")
-    rows = rows.select(
-        head=cui_code("CUI2"), RELA=pl.col("RELA").cast(pl.Categorical), tail=cui_code("CUI1")
-    ).collect()
+    rows = relation_rows(mrrel, sab=sab, rel=rel, include_suppressed=include_suppressed)
     meta["mrrel_rows_selected"] = rows.height
-    if rows.height == 0:
-        raise MopError(
-            f"{mrrel}: no relation rows left after filtering (SAB={sab}, REL in {rel}, "
-            f"a RELA{'' if include_suppressed else ', SUPPRESS=N'})"
-        )
-    codes = pl.concat([rows["head"], rows["tail"]]).unique()
-    unknown = codes.filter(~codes.is_in(known.implode()))
-    if unknown.len():
-        code = int(unknown.sort()[0])
-        what = (
-            f"concept C{code:07d} has no {sab} atom in {mrconso}"
-            if code >= 0
-            else "a CUI is not C + 7 digits"
-        )
-        raise MopError(f"{mrrel}:{_first_line(mrrel, sab, code)}: {what}")
-    named = names["code"].implode()
-    usable = rows.select(pl.col("head").is_in(named) & pl.col("tail").is_in(named)).to_series()
-    meta["rows_skipped_unnamed_concept"] = int((~usable).sum())
-    rows = rows.filter(usable)
+    rows, skipped = named_rows(rows, names, known, mrrel, mrconso, sab)
+    meta["rows_skipped_unnamed_concept"] = skipped
     pair = pl.col("head").cast(pl.Int64) * 2**32 + pl.col("tail")
-    freq = (  # triples per relation, duplicates counted once
-        rows.group_by("RELA")
-        .agg(pair.n_unique().alias("triples"))
-        .with_columns(pl.col("RELA").cast(pl.String))
-    )
+    freq = rows.group_by(pl.col("RELA").cast(pl.String)).agg(triples=pair.n_unique())
     meta["relations_available"] = freq.height
     chosen, selection = select_relations(
-        freq,
-        inverse,
-        display,
-        top=top_relations,
-        listed=relations,
-        key=key,
-        source=str(mrrel),
+        freq, inverse, display, top=top_relations, listed=relations, key=key, source=str(mrrel)
     )
     meta |= selection
     meta["relas"] = chosen
-    if relation_names == "rela":
-        names_of = {r: r.replace("_", " ") for r in chosen}
-    else:
-        names_of = {r: display.get(r) or r.replace("_", " ") for r in chosen}
-    taken = list(names_of.values())
-    for r, name in names_of.items():
-        if taken.count(name) > 1:  # two RELAs with one expanded form stay two relations
-            names_of[r] = r.replace("_", " ")
+    names_of = relation_display(chosen, display, relation_names)
     rows = rows.filter(pl.col("RELA").cast(pl.String).is_in(chosen)).select(
         "head",
         pl.col("RELA").cast(pl.String).replace_strict(names_of).alias("relation"),
