@@ -54,14 +54,6 @@ def test_common_smk_is_thin():
 
 MAX_FUNCTION_LINES = 80
 MAX_MODULE_LINES = 400
-# Longer than the house allows when the rule came in (issue 25), owned by other work in
-# progress: each may not grow; drop an entry once it is within the limits.
-PENDING = {
-    "mop/kg/synthetic.py:mrconso_frame": 136,
-    "mop/kg/umls.py:load_umls": 106,
-    "mop/partition.py:partition_graph": 84,
-    "mop/export.py": 403,
-}
 
 
 def _sizes() -> dict[str, int]:
@@ -88,15 +80,8 @@ def test_functions_and_modules_are_short():
         name: n
         for name, n in sizes.items()
         if n > (MAX_FUNCTION_LINES if ":" in name else MAX_MODULE_LINES)
-        and n > PENDING.get(name, 0)
     }
     assert long == {}
-    done = [
-        name
-        for name in PENDING
-        if sizes.get(name, 0) <= (MAX_FUNCTION_LINES if ":" in name else MAX_MODULE_LINES)
-    ]
-    assert done == [], "within the limits now: drop them from PENDING"
 
 
 def test_schema_names_follow_the_results_grammar():

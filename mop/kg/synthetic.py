@@ -1,13 +1,12 @@
 """Format-exact synthetic UMLS releases (MRCONSO.RRF, MRREL.RRF, MRDOC.RRF) at any size.
 
-UMLS cannot be redistributed, so tests and benchmarks run on generated files that follow
-the Metathesaurus layout field for field (pipe-delimited, every line ending with `|`)
-and contain the traps a loader must handle: competing preferred atoms from other
-sources, suppressed and non-English atoms, concepts whose preferred term is suppressed,
-retired concepts, equal names on different concepts, rows without a RELA, other sources'
-relations, suppressed and duplicated MRREL rows, irregular inverse pairs in MRDOC and
-a relation without an expanded form. Every relationship is written in both directions,
-as in real releases. All choices come from one seeded generator.
+UMLS cannot be redistributed, so tests and benchmarks run on generated files that follow the
+Metathesaurus layout field for field (pipe-delimited, every line ending with `|`) and contain
+the traps a loader must handle: competing preferred atoms from other sources, suppressed and
+non-English atoms, concepts whose preferred term is suppressed, retired concepts, equal names on
+different concepts, rows without a RELA, other sources' relations, suppressed and duplicated
+MRREL rows, irregular inverse pairs in MRDOC and a relation without an expanded form. Every
+relationship is written in both directions, as in real releases; one seeded generator.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import numpy as np
 import polars as pl
 
 from mop.io import atomic_path
-from mop.kg.umls import MRCONSO_FIELDS, MRDOC_FIELDS, MRREL_FIELDS
+from mop.kg.rrf import MRCONSO_FIELDS, MRDOC_FIELDS, MRREL_FIELDS
 
 SAB = "SNOMEDCT_US"
 
@@ -78,10 +77,6 @@ class SyntheticRelease:
     mrconso_rows: int
     mrrel_rows: int
     mrdoc_rows: int
-
-
-def _cui(num: pl.Expr) -> pl.Expr:
-    return pl.format("C{}", num.cast(pl.String).str.zfill(7))
 
 
 def _code(prefix: str, num: pl.Expr, width: int) -> pl.Expr:
@@ -209,7 +204,7 @@ def _mrconso_rows(atoms: pl.DataFrame) -> pl.DataFrame:
     msh = pl.col("SAB") == "MSH"
     sct = pl.col("sct").cast(pl.String)
     return atoms.select(
-        CUI=_cui(pl.col("cui")),
+        CUI=_code("C", pl.col("cui"), 7),
         LAT="LAT",
         TS="TS",
         LUI=_code("L", pl.col("aui") // 2, 7),
@@ -253,7 +248,7 @@ def mrconso_frame(n_concepts: int, rng: np.random.Generator) -> tuple[pl.DataFra
     aui_of = dict(zip(pt_aui["cui"].to_list(), pt_aui["AUI"].to_list(), strict=True))
     retired = base["retired"].to_numpy()
     info = {
-        "cui": pl.Series(all_cuis).to_frame("c").select(_cui(pl.col("c")))["c"],
+        "cui": pl.Series(all_cuis).to_frame("c").select(_code("C", pl.col("c"), 7))["c"],
         "aui": pl.Series([aui_of.get(int(c), "") for c in all_cuis], dtype=pl.String),
         "live": np.flatnonzero(~retired),
         "retired": np.flatnonzero(retired),
@@ -384,11 +379,8 @@ def write_umls_release(
     seed: int = 0,
     chunk_rows: int = 1_000_000,
 ) -> SyntheticRelease:
-    """Write MRCONSO.RRF, MRREL.RRF and MRDOC.RRF into `out_dir/META`.
-
-    concepts: SNOMED CT concepts (MSH-only concepts are added on top).
-    mrrel_rows: MRREL lines (in chunks of `chunk_rows`, so memory stays bounded).
-    """
+    """Write MRCONSO.RRF, MRREL.RRF and MRDOC.RRF into `out_dir/META`: `concepts` SNOMED CT
+    concepts (and MSH-only ones), `mrrel_rows` MRREL lines in chunks of `chunk_rows`."""
     meta = Path(out_dir) / "META"
     meta.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
