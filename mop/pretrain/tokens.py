@@ -10,11 +10,14 @@ the same pair. The two names are a sentence pair: for models with segments the r
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow.parquet as pq
 
+from mop.errors import MopError
 from mop.io import atomic_path
 from mop.kg import read_kg
 from mop.models import ModelSpec, encoder_config, load_tokenizer, uses_token_types
@@ -37,6 +40,7 @@ def tokenize_kg(
     *,
     max_length: int = 64,
     bidirectional: bool = False,
+    chunk_triples: int = 1_000_000,
 ) -> int:
     """Write the entity-prediction examples of every triple of a KG; return their number.
 
@@ -44,7 +48,9 @@ def tokenize_kg(
     entity to predict), input_ids (the two names laid out by the tokenizer's own pair
     template: mop.pairs) and, for models with segments, token_type_ids (the template's).
     Names are truncated so that every example fits `max_length` tokens: the relation to 16
-    tokens, then the entity name.
+    tokens, then the entity name. Rows are ordered by (direction, head, relation, tail) and
+    written `chunk_triples` triples at a time (one Parquet row group each), so memory stays
+    bounded on graphs of all-UMLS size.
     """
     kg = read_kg(kg_dir)
     tok = load_tokenizer(spec)
@@ -62,25 +68,57 @@ def tokenize_kg(
     columns = ["direction", "head", "relation", "tail", "target", "input_ids"]
     if uses_token_types(encoder_config(spec)):
         columns.append("token_type_ids")
-    frames = []
-    directions = [(0, "head", "tail")] + ([(1, "tail", "head")] if bidirectional else [])
-    for direction, anchor, target in directions:
-        df = (
-            kg.triples.join(ents.rename({"entity": anchor}), on=anchor)
-            .join(rels, on="relation")
-            .with_columns(
-                room=(max_length - template.specials - pl.col("r_ids").list.len()).cast(pl.Int32),
-                direction=pl.lit(direction, dtype=pl.Int8),
-                target=pl.col(target),
-            )
-            .with_columns(e_ids=pl.col("e_ids").list.head(pl.col("room")))
-        )
-        first, second = ("e_ids", "r_ids") if direction == 0 else ("r_ids", "e_ids")
-        frames.append(_pair_columns(df, template, first, second).select(columns))
-    out = pl.concat(frames).sort(["direction", "head", "relation", "tail"])
+    if kg.triples.height == 0:
+        raise MopError(f"{kg_dir}: the knowledge graph has no triples to tokenize")
+    triples = kg.triples.sort(["head", "relation", "tail"])
+    directions = [0, 1] if bidirectional else [0]
+    frames = (
+        _examples(chunk, direction, ents, rels, template, max_length).select(columns)
+        for direction in directions
+        for chunk in triples.iter_slices(chunk_triples)
+    )
     with atomic_path(out_path) as tmp:
-        out.write_parquet(tmp)
-    return out.height
+        return _write_row_groups(frames, tmp)
+
+
+def _examples(
+    triples: pl.DataFrame,
+    direction: int,
+    ents: pl.DataFrame,
+    rels: pl.DataFrame,
+    template: PairTemplate,
+    max_length: int,
+) -> pl.DataFrame:
+    """The examples of some triples in one direction, in the triples' order: the anchor
+    entity's name cut so that the pair fits `max_length`, then the pair's token columns."""
+    anchor, target = ("head", "tail") if direction == 0 else ("tail", "head")
+    df = (
+        triples.join(ents.rename({"entity": anchor}), on=anchor, maintain_order="left")
+        .join(rels, on="relation", maintain_order="left")
+        .with_columns(
+            room=(max_length - template.specials - pl.col("r_ids").list.len()).cast(pl.Int32),
+            direction=pl.lit(direction, dtype=pl.Int8),
+            target=pl.col(target),
+        )
+        .with_columns(e_ids=pl.col("e_ids").list.head(pl.col("room")))
+    )
+    first, second = ("e_ids", "r_ids") if direction == 0 else ("r_ids", "e_ids")
+    return _pair_columns(df, template, first, second)
+
+
+def _write_row_groups(frames: Iterator[pl.DataFrame], path: Path) -> int:
+    """Write frames of one schema as the row groups of one Parquet file; return the rows."""
+    writer, rows = None, 0
+    try:
+        for frame in frames:
+            table = frame.to_arrow()
+            writer = writer or pq.ParquetWriter(path, table.schema)
+            writer.write_table(table)
+            rows += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
 
 
 def _pair_columns(
