@@ -96,7 +96,9 @@ class Runtime:
         stay fp32 (the master copy the optimizer updates), matmuls run in bf16, and the
         losses, probe scores and mixture weights are computed in fp32. It is fast where
         the CPU computes bf16 natively (AVX-512 BF16, AMX: `bf16_supported`) and emulated,
-        slower than fp32, elsewhere.
+        slower than fp32, elsewhere. `auto` stays fp32 on such CPUs too: otherwise the
+        same config would give different numbers on different CPUs (the tiny reference
+        included), and the measured gain on a whole step is modest (see the benchmarks).
         """
         if precision not in PRECISIONS:
             raise MopError(
