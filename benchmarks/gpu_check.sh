@@ -9,7 +9,7 @@
 # 3. runs the tiny test workflow (.test/config/config.yaml in a temporary working folder,
 #    as tests/conftest.py's tiny_workdir + snakemake do) with runtime.device cuda, and
 #    checks that every fine-tuning (and pretraining) metrics.json reports a cuda device;
-# 4. runs benchmarks/finetune_throughput.py --gpu and benchmarks/pretrain_throughput.py.
+# 4. runs benchmarks/finetune_gpu.py and benchmarks/pretrain_throughput.py.
 # Every JSON line is printed again at the end. Any failure stops the script with a
 # non-zero status and a line saying what failed. CORES (default 4) is snakemake's --cores.
 set -euo pipefail
@@ -92,12 +92,12 @@ print(
 )
 EOF
 
-echo "== benchmarks/finetune_throughput.py --gpu"
-"$PYTHON" benchmarks/finetune_throughput.py --gpu 2>&1 | tee "$work/finetune.log" ||
-    fail "benchmarks/finetune_throughput.py --gpu failed"
+echo "== benchmarks/finetune_gpu.py"
+"$PYTHON" -m benchmarks.finetune_gpu 2>&1 | tee "$work/finetune.log" ||
+    fail "benchmarks/finetune_gpu.py failed"
 
 echo "== benchmarks/pretrain_throughput.py"
-"$PYTHON" benchmarks/pretrain_throughput.py 2>&1 | tee "$work/pretrain.log" ||
+"$PYTHON" -m benchmarks.pretrain_throughput 2>&1 | tee "$work/pretrain.log" ||
     fail "benchmarks/pretrain_throughput.py failed"
 
 echo "== JSON lines"

@@ -11,7 +11,13 @@ examples, for the same number of examples, with the same optimiser, in this proc
   plain forward (PyTorch's own dropout). Its rate is the machine's reference figure that
   README timings quote, so it must not change with our code.
 
-Prints a final JSON line: examples per second of each, their ratio, and the machine.
+Ours runs in fp32 and, where the CPU has AVX-512 BF16 or AMX, in bf16 (the runtime's
+autocast; the entity head and the loss stay fp32). The model FLOPs (mop.flops: the frozen
+encoder, the adapter, the entity head) per second over the dense matmul rate this process
+reaches at the model's shapes give `mfu` (fp32) and `mfu_bf16`.
+
+Prints a final JSON line: examples per second of each, their ratio, the model GFLOP/s,
+the matmul rates, the MFU, the load and the machine.
 
     python benchmarks/pretrain_throughput.py [--examples 1024] [--batch-size 32] [--threads 2]
     python benchmarks/pretrain_throughput.py --smoke   # seconds: the same code path
@@ -21,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +36,12 @@ import polars as pl
 import torch
 from transformers import get_linear_schedule_with_warmup
 
+try:
+    from benchmarks import measure
+except ImportError:  # run as a script: benchmarks/ itself is on the path
+    import measure  # type: ignore[no-redef]
 from mop.batching import bucketed_batches
+from mop.flops import shape_from_config
 from mop.kg import read_kg, write_kg
 from mop.kg.hpo import load_hpo
 from mop.models import load_tokenizer, resolve_model
@@ -62,6 +71,7 @@ def fresh_model(
 
 
 def run_ours(spec, data, rows: np.ndarray, batch_size: int, rt: Runtime) -> float:
+    """Examples per second of the product's pretraining step (adapter, entity head)."""
     pad_id = load_tokenizer(spec).pad_token_id
     model, opt, sched = fresh_model(spec, data.num_entities, 0)
 
@@ -136,6 +146,7 @@ def main() -> None:
         args.examples, args.batch_size = 64, 16
     rt = Runtime.create("cpu", "fp32", args.threads)
     spec = resolve_model("minilm-l6", MODELS)
+    start_load = measure.load()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         kg, meta = load_hpo(diseases=300, min_phenotypes=8, max_phenotypes=40)
@@ -162,28 +173,47 @@ def main() -> None:
         raise RuntimeError("baseline and ours see different examples")
     rng = np.random.default_rng(0)
     rows = rng.choice(len(data.seqs), size=min(args.examples, len(data.seqs)), replace=False)
-    mean_len = float(data.seqs.lengths[rows].mean())
+    lengths = data.seqs.lengths[rows]
     ours = run_ours(spec, data, rows, args.batch_size, rt)
     baseline = run_baseline(spec, data, (heads, relations), rows, args.batch_size, rt)
-    print(
-        json.dumps(
-            {
-                "benchmark": "pretrain_throughput",
-                "model": "all-MiniLM-L6-v2",
-                "examples": int(rows.size),
-                "batch_size": args.batch_size,
-                "threads": args.threads,
-                "mean_tokens": round(mean_len, 1),
-                "padded_tokens_baseline": 64,
-                "ours_examples_per_s": round(ours, 1),
-                "baseline_examples_per_s": round(baseline, 1),
-                "ratio": round(ours / baseline, 2),
-                "device": "cpu",
-                "smoke": args.smoke,
-                "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-            }
+    rates = {"fp32": ours}
+    if "bf16" in measure.precisions(rt.device):
+        rates["bf16"] = run_ours(
+            spec, data, rows, args.batch_size, Runtime.create("cpu", "bf16", args.threads)
         )
+    shape = shape_from_config(spec.location)
+    per_example = measure.model_flops(
+        shape, lengths, data.num_entities, adapters=1, frozen_base=True
     )
+    per_example /= rows.size
+    tokens = round(args.batch_size * float(lengths.mean()))
+    matmul = measure.matmul_rates(shape, tokens, rt.device, list(rates))
+    mfu = {p: per_example * rates[p] / matmul[p] for p in rates}
+    result = {
+        "benchmark": "pretrain_throughput",
+        "model": "all-MiniLM-L6-v2",
+        "examples": int(rows.size),
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "mean_tokens": round(float(lengths.mean()), 1),
+        "padded_tokens_baseline": 64,
+        "ours_examples_per_s": round(ours, 1),
+        "baseline_examples_per_s": round(baseline, 1),
+        "ratio": round(ours / baseline, 2),
+        "model_gflop_per_s": {p: round(per_example * r / 1e9, 1) for p, r in rates.items()},
+        "matmul_gflop_per_s": {p: round(r / 1e9, 1) for p, r in matmul.items()},
+        "mfu": round(mfu["fp32"], 3),
+    }
+    if "bf16" in rates:
+        result["ours_bf16_examples_per_s"] = round(rates["bf16"], 1)
+        result["bf16_speedup"] = round(rates["bf16"] / ours, 2)
+        result["mfu_bf16"] = round(mfu["bf16"], 3)
+    result |= {
+        "load_avg_1m": [start_load, measure.load()],
+        "device": "cpu",
+        "machine": measure.machine(),
+    }
+    print(json.dumps(result | {"smoke": args.smoke}))
 
 
 if __name__ == "__main__":

@@ -8,16 +8,16 @@ no data needed; missing inputs are listed as warnings), then sizes every trainin
   prepared task's summary, its tokens), else from published figures (the paper's Tables 2
   and 3 for the UMLS graphs; each task's official split sizes), else from a stated guess;
   every assumption is listed in the output.
-- FLOPs per token, from the model's shape (its config.json, read offline; BERT-base when
-  unknown): 2 FLOPs per multiply-add of every weight the token meets (the encoder, the K
-  adapters, and MoP's fusion with its key and value projections on every adapter's
-  output, which at K = 20 make a MoP run 4.4 times BERT-base per token) plus attention,
-  times 3 for a training step; a frozen base model (pretraining) skips its weight
-  gradients (one third of its share). Evaluation passes count one forward each. The
-  same count as `benchmarks/finetune_throughput.py --gpu` uses for its MFU.
-- GPU-hours = FLOPs / (the card's dense bf16 peak x model FLOPs utilisation). The
-  utilisation comes from a measured benchmark JSON line when given
-  (`benchmarks/finetune_throughput.py --gpu`, field `mfu`), else 0.30 (assumed, stated).
+- FLOPs per token, from the model's shape (its config.json, read offline, any encoder
+  family; BERT-base when unknown), counted by `mop.flops` (the count the throughput
+  benchmarks report their `mfu` with): the encoder, the K adapters, and MoP's fusion with
+  its key and value projections on every adapter's output (at K = 20 a MoP run is 4.4
+  times BERT-base per token), plus attention; 3 forwards per training step. Evaluation
+  passes count one forward each.
+- GPU-hours = FLOPs / (the card's dense bf16 peak, `mop.flops.GPU_PEAKS`, x model FLOPs
+  utilisation). The utilisation comes from a measured benchmark JSON line when given
+  (`benchmarks/finetune_gpu.py`, field `peak_mfu`: against the same data-sheet peak),
+  else 0.30 (assumed, stated).
 
 Training jobs stop early on dev (patience), so fine-tuning figures are upper bounds.
 """
@@ -35,20 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from mop.errors import MopError
+from mop.flops import Shape, gpu_peak_or_error, shape_from_config, train_flops_per_token
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by name fragment.
-GPU_PEAKS = {
-    "h200": 989e12,
-    "h100": 989e12,
-    "a100": 312e12,
-    "l40s": 362e12,
-    "a10": 125e12,
-    "l4": 121e12,
-    "rtx 4090": 165e12,
-    "v100": 125e12,  # fp16 tensor cores (no bf16)
-}
 DEFAULT_MFU = 0.30
 
 # Published split sizes (train, dev, test) of the official data; one fold for PubMedQA.
@@ -78,18 +68,6 @@ PAPER_KGS = {
 PRETRAIN_TOKENS = 24  # [CLS] head [SEP] relation [SEP] of UMLS names: a guess
 
 TRAINING_RULES = ("pretrain", "finetune", "probe_controls")
-
-
-@dataclass(frozen=True)
-class Shape:
-    layers: int
-    hidden: int
-    intermediate: int
-    source: str
-
-    def encoder_weights(self) -> int:
-        """Weights a token meets per layer: attention (4 d^2) and the feed-forward (2 d i)."""
-        return 4 * self.hidden**2 + 2 * self.hidden * self.intermediate
 
 
 @dataclass
@@ -154,42 +132,24 @@ def dry_run_jobs(
 
 
 def model_shape(alias: str, models: dict[str, Any]) -> Shape:
-    """The encoder's shape from its config.json (offline), BERT-base when unavailable."""
+    """The encoder's shape from its config.json (offline, any family: mop.flops), BERT-base
+    when it is not available here."""
     entry = models[alias]
     if "random" in entry:
         r = entry["random"]
-        return Shape(r.get("layers", 2), r.get("hidden", 128), r.get("intermediate", 256), "config")
+        return Shape(r.get("layers", 2), r.get("hidden", 128), r.get("intermediate", 256))
     try:
-        from transformers import AutoConfig
+        from transformers.utils import cached_file
 
         from mop.models import resolve_model
 
-        spec = resolve_model(alias, models)
-        cfg = AutoConfig.from_pretrained(spec.location, local_files_only=True)
-        return Shape(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, "config")
+        location = resolve_model(alias, models).location
+        path = Path(location) / "config.json"
+        if not path.is_file():  # a hub id: its config.json from the local cache
+            path = Path(cached_file(location, "config.json", local_files_only=True))
+        return shape_from_config(path)
     except Exception:  # not available offline: say so, assume the paper's size
         return Shape(12, 768, 3072, f"{alias}: assumed BERT-base (no config.json offline)")
-
-
-def train_flops_per_token(
-    shape: Shape, tokens: float, adapters: int, rf: int, fusion: bool, frozen_base: bool
-) -> tuple[float, float]:
-    """(training, evaluation) FLOPs per token of one sequence of `tokens` tokens.
-
-    Per layer, the multiply-adds a token meets: the encoder's weights (4 h^2 + 2 h i),
-    each adapter's down and up projections (2 h h / r), AdapterFusion's query on the hidden
-    state and its key and value on each of the N adapter outputs ((1 + 2N) h^2, "dynamic"
-    fusion), attention over the sequence (2 S h) and the fusion's scores and mixture over
-    the adapters (2 N h). A forward is 2 FLOPs per multiply-add, a training step 3
-    forwards; a frozen base model (pretraining) skips its weight gradients.
-    """
-    d, n = shape.hidden, adapters
-    base = shape.encoder_weights()
-    extra = n * 2 * d * max(d // rf, 1) + ((1 + 2 * n) * d * d + 2 * n * d if fusion else 0)
-    attention = 2 * tokens * d
-    forward = 2 * shape.layers * (base + extra + attention)
-    train = 3 * forward - (2 * shape.layers * base if frozen_base else 0)
-    return train, forward
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -277,9 +237,7 @@ def estimate(
     from mop.plan import Plan
     from mop.tasks import get_task
 
-    peak = next((v for k, v in GPU_PEAKS.items() if k in card.lower()), None)
-    if peak is None:
-        raise MopError(f"mop plan --gpu: unknown card {card!r} (known: {', '.join(GPU_PEAKS)})")
+    peak = gpu_peak_or_error(card)
     est = Estimate()
     rf = config["pretrain"]["reduction_factor"]
     for rule, w in jobs:
@@ -323,13 +281,16 @@ def estimate(
 
 
 def measured_mfu(path: str | Path) -> float:
-    """The `mfu` of the last JSON line of a benchmark output that has one."""
+    """The utilisation in the last JSON line of a benchmark output that has one: against
+    the card's data-sheet peak (`peak_mfu`) where given, else its `mfu`."""
     for line in reversed(Path(path).read_text().splitlines()):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        mfu = record.get("mfu") or record.get("gpu", {}).get("mfu")
+        if not isinstance(record, dict):
+            continue
+        mfu = record.get("peak_mfu") or record.get("mfu")
         if mfu:
             return float(mfu)
     raise MopError(f"{path}: no benchmark JSON line with an mfu figure")

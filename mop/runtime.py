@@ -1,11 +1,12 @@
 """Where and how a model runs, shared by pretraining, fine-tuning and inference.
 
-`Runtime`: the device (`auto`, `cpu`, `cuda`, `cuda:N`), bf16 autocast and TF32 on CUDA,
-CPU threads, optional `torch.compile`, pinned host-to-device copies, a malloc that keeps
-freed buffers (`keep_freed_memory`), and the context every forward runs in
-(`forward_context`: autocast, and on the CPU the dropout masks of `mop.dropout`);
-`Runtime.optimizer` is AdamW with the fused kernel. `seed_all` seeds every generator a
-run draws from; `evaluating` is the inference mode every evaluation pass runs in.
+`Runtime`: the device (`auto`, `cpu`, `cuda`, `cuda:N`), bf16 autocast (CUDA, and CPUs
+with native bf16), TF32 on CUDA, CPU threads, optional `torch.compile`, pinned
+host-to-device copies, a malloc that keeps freed buffers (`keep_freed_memory`), and the
+context every forward runs in (`forward_context`: autocast, and on the CPU the dropout
+masks of `mop.dropout`); `Runtime.optimizer` is AdamW with the fused kernel. `seed_all`
+seeds every generator a run draws from; `evaluating` is the inference mode every
+evaluation pass runs in.
 """
 
 from __future__ import annotations
@@ -52,6 +53,26 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux: /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether the device computes bf16 matmuls natively: a CUDA device that supports it,
+    or a CPU with AVX-512 BF16 or AMX (elsewhere CPU bf16 is emulated, and slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where a training or inference job runs, in which precision."""
@@ -71,8 +92,13 @@ class Runtime:
         """Resolve the device and precision and set the process up for them.
 
         `precision: auto` is bf16 autocast on a CUDA device that supports it, fp32
-        elsewhere; `bf16` on the CPU uses CPU autocast (slow on most CPUs, but the same
-        code path, so it can be tested without a GPU).
+        elsewhere. `bf16` on the CPU is CPU autocast, the same path as on CUDA: the weights
+        stay fp32 (the master copy the optimizer updates), matmuls run in bf16, and the
+        losses, probe scores and mixture weights are computed in fp32. It is fast where
+        the CPU computes bf16 natively (AVX-512 BF16, AMX: `bf16_supported`) and emulated,
+        slower than fp32, elsewhere. `auto` stays fp32 on such CPUs too: otherwise the
+        same config would give different numbers on different CPUs (the tiny reference
+        included), and the measured gain on a whole step is modest (see the benchmarks).
         """
         if precision not in PRECISIONS:
             raise MopError(

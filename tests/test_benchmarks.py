@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,46 +19,21 @@ def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def test_finetune_gpu_section_runs_on_the_cpu_in_smoke_mode():
-    result = run(
-        sys.executable,
-        "benchmarks/finetune_throughput.py",
-        "--gpu",
-        "--device",
-        "cpu",
-        "--smoke",
-        "--threads",
-        "1",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = json.loads(result.stdout.strip().splitlines()[-1])
-    assert line["benchmark"] == "finetune_throughput_gpu"
-    assert line["smoke"] is True
-    assert line["device"] == "cpu" and line["card"].startswith("none")
-    assert line["precision"] == "bf16" and line["runtime"]["precision"] == "bf16"
-    assert line["seq_len"] == 64 and line["steps"] == 5
-    assert "2 SeqBn adapters" in line["model"] and "softmax fusion" in line["model"]
-    for key in ("examples_per_s", "tokens_per_s", "train_gflop_per_token", "achieved_tflops"):
-        assert line[key] > 0, key
-    assert line["peak_bf16_tflops"] == "unknown card" and line["mfu"] is None
-    assert line["peak_memory_mb"] is None  # measured on CUDA only
-    assert line["machine"]
-    curve = line["bf16_vs_fp32"]
-    assert len(curve["loss_fp32"]) == len(curve["loss_bf16"]) == 5
-    assert all(x > 0 for x in curve["loss_fp32"] + curve["loss_bf16"])
-    assert curve["loss_fp32"] != curve["loss_bf16"]  # two precisions, not one run twice
-    assert curve["max_rel_diff"] >= curve["last10_rel_diff"] >= 0
-    assert curve["tolerance"] == 2e-2 and isinstance(curve["passed"], bool)
-
-
-def test_finetune_gpu_section_refuses_to_run_without_cuda():
+def test_finetune_gpu_refuses_to_run_without_cuda():
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    result = run(sys.executable, "benchmarks/finetune_throughput.py", "--gpu", "--smoke")
+    result = run(sys.executable, "-m", "benchmarks.finetune_gpu", "--smoke")
     assert result.returncode != 0
     assert "sees no CUDA device" in result.stderr
+
+
+def test_gpu_check_runs_the_benchmarks_that_exist():
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    named = set(re.findall(r"benchmarks/(\w+)\.py", script))
+    assert named == {"finetune_gpu", "pretrain_throughput"}
+    assert all((REPO / "benchmarks" / f"{n}.py").is_file() for n in named)
 
 
 def test_gpu_check_stops_clearly_without_a_gpu():
@@ -78,15 +54,53 @@ def test_every_benchmark_is_smoke_tested():
     assert sorted(SMOKE_CHECKS) == BENCHMARKS
 
 
+def _mfu(line, precisions):
+    """Model FLOPs over the machine's own matmul rate, per precision: measured, not 0."""
+    for p in precisions:
+        assert line["matmul_gflop_per_s"][p] > 0 and line["model_gflop_per_s"][p] > 0
+        mfu = line["mfu" if p == "fp32" else "mfu_bf16"]
+        ratio = line["model_gflop_per_s"][p] / line["matmul_gflop_per_s"][p]
+        assert mfu == pytest.approx(ratio, rel=0.15, abs=0.01)  # of rounded figures
+
+
+def _precisions():
+    import torch
+
+    from mop.runtime import bf16_supported
+
+    return ["fp32", "bf16"] if bf16_supported(torch.device("cpu")) else ["fp32"]
+
+
 def _pretrain(line, tmp):
     assert line["examples"] == 64 and line["batch_size"] == 16
     assert line["ours_examples_per_s"] > 0 and line["baseline_examples_per_s"] > 0
+    _mfu(line, _precisions())
+    assert ("bf16_speedup" in line) == ("bf16" in _precisions())
 
 
-def _finetune(line, tmp):
-    assert line["benchmark"].startswith("finetune_throughput")
-    rates = [v for k, v in _flat(line).items() if k.endswith("examples_per_s")]
-    assert rates and all(r > 0 for r in rates)
+def _finetune_cpu(line, tmp):
+    assert line["examples"] == 9 and line["max_length"] == 64
+    assert set(line["examples_per_s"]) == {*_precisions(), "original"}
+    assert all(r > 0 for r in line["examples_per_s"].values())
+    assert 0 < line["mean_tokens"] <= 64
+    _mfu(line, _precisions())
+    # the same data and initial weights on every side: losses of one model, not three
+    losses = list(line["mean_loss"].values())
+    assert max(losses) - min(losses) < 0.05
+
+
+def _finetune_gpu(line, tmp):
+    """The GPU benchmark's code path on the CPU: the tiny model, both precisions' curves."""
+    assert line["card"].startswith("none") and line["peak_mfu"] is None
+    assert line["seq_len"] == 64 and line["steps"] == 4
+    assert "2 SeqBn adapters" in line["model"] and "softmax fusion" in line["model"]
+    assert line["runtime"]["precision"] == "bf16"
+    for key in ("examples_per_s", "train_gflop_per_token", "achieved_tflops", "mfu"):
+        assert line[key] > 0, key
+    curve = line["bf16_vs_fp32"]
+    assert len(curve["loss_fp32"]) == len(curve["loss_bf16"]) == 5
+    assert curve["loss_fp32"] != curve["loss_bf16"]  # two precisions, not one run twice
+    assert curve["passed"] and curve["last10_rel_diff"] <= curve["tolerance"] == 2e-2
 
 
 def _partition(line, tmp):
@@ -127,19 +141,10 @@ def _workflow(line, tmp):
     assert line["targets_met"] is None  # targets: the full sizes only
 
 
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _flat(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 SMOKE_CHECKS = {
     "pretrain_throughput": ([], _pretrain),
-    "finetune_throughput": (["--threads", "1"], _finetune),
+    "finetune_cpu": ([], _finetune_cpu),
+    "finetune_gpu": (["--device", "cpu"], _finetune_gpu),
     "partition_scale": ([], _partition),
     "kg_umls": ([], _kg),
     "synthetic_graph": (["--out", "{tmp}/kg"], _synthetic),

@@ -36,8 +36,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", default=".", help="where the workflow would run")
     p.add_argument("--gpu", default="a100", help="card: h100, h200, a100, l40s, a10, l4, ...")
     p.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume (0-1)")
-    p.add_argument(
-        "--benchmark", help="output of benchmarks/finetune_throughput.py --gpu (its mfu)"
-    )
+    p.add_argument("--benchmark", help="output of benchmarks/finetune_gpu.py (its peak_mfu)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_plan)
