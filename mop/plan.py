@@ -5,6 +5,7 @@ runs exist (`Run` records of the results grammar, mop.layout) and what files the
 target needs. Per stage, exactly the options one job reads come from its base,
 `JobOptions` (mop.job_options). The grammar's names are importable from here too.
 """
+
 from __future__ import annotations
 
 from mop.job_options import TRAINING_KEYS, JobOptions
