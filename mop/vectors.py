@@ -1,6 +1,7 @@
-"""Entity-name vectors from an encoder: the entity head's initialisation in pretraining
-(`head_init: names`), the candidates of the bilinear head in fine-tuning, and the
-probe's name-similarity baseline. One module, so both stages read names the same way."""
+"""Vectors from an encoder: the pooling both stages' heads read (`pool`), and entity-name
+vectors: the entity head's initialisation in pretraining (`head_init: names`), the
+candidates of the bilinear head in fine-tuning, and the probe's name-similarity baseline.
+One module, so both stages read sequences and names the same way."""
 
 from __future__ import annotations
 
@@ -11,6 +12,21 @@ import torch
 
 from mop.batching import Sequences, sequential_batches
 from mop.runtime import Runtime, evaluating
+
+POOLINGS = ("cls", "mean", "pooler")
+
+
+def pool(out: Any, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One vector per sequence from an encoder's output, for every family: `cls` the last
+    layer's first token (`[CLS]`, `<s>`), `mean` the mean over the sequence's real tokens,
+    `pooler` the pooler output of models that have one."""
+    if pooling == "pooler":
+        return out.pooler_output
+    h = out.last_hidden_state
+    if pooling == "cls":
+        return h[:, 0]
+    m = attention_mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1)
 
 
 def raw_name_vectors(

@@ -127,6 +127,27 @@ def test_segment_ids_reach_only_models_that_have_segments(family, encoder_models
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_mean_pooling_reads_the_real_tokens_in_both_stages(family, encoder_models):
+    """`mean` serves every family in pretraining and fine-tuning alike: the mean of the
+    last layer over the sequence's real tokens, whatever padding the batch adds."""
+    spec = resolve_model(family, encoder_models)
+    tok = load_tokenizer(spec)
+    alone = tok(["abnormal heart"], ["has phenotype"], return_tensors="pt")
+    padded = tok(["abnormal heart", "seizure " * 6], ["has phenotype", "is a"], padding=True)
+    ids, mask = torch.tensor(padded["input_ids"]), torch.tensor(padded["attention_mask"])
+    assert mask[0].sum() < mask.shape[1]  # the first pair is padded in the batch
+    encoder = load_base_model(spec).eval()
+    predictor = EntityPredictor(encoder, 3, "mean").eval()
+    classifier = Classifier(encoder, 2, 0.0, "mean").eval()
+    with torch.no_grad():
+        hidden = encoder(alone["input_ids"], alone["attention_mask"]).last_hidden_state
+        expected = hidden[0].mean(0)
+        assert torch.allclose(predictor.cls(ids, mask)[0], expected, atol=1e-5)
+        vector, _ = classifier.pool({"input_ids": ids, "attention_mask": mask})
+        assert torch.allclose(vector[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_the_mixture_replaces_the_fusion_of_every_layer_of_every_family(family, encoder_models):
     """Mixture layers find each family's fusion modules (ALBERT shares one layer's weights,
     so one module serves both layers) and every parameter gets its learning-rate group."""

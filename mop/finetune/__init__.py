@@ -41,7 +41,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from mop.checkpoint import Checkpoint, file_digest, fingerprint
 from mop.errors import MopError
-from mop.finetune.config import POOLINGS, FinetuneConfig, execution_keys
+from mop.finetune.config import FinetuneConfig, execution_keys
 from mop.finetune.data import batch_inputs, load_data, with_candidates
 from mop.finetune.evaluation import (
     evaluate,
@@ -60,6 +60,7 @@ from mop.tasks import TaskSpec
 from mop.tasks.encode import EncodedSplit
 from mop.tracking import Tracker
 from mop.training import Loop, share
+from mop.vectors import POOLINGS
 
 __all__ = [
     "POOLINGS",

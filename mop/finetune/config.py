@@ -7,8 +7,6 @@ from typing import Any
 
 from mop.fusion import MixtureConfig
 
-POOLINGS = ("cls", "mean", "pooler")
-
 
 @dataclass(frozen=True)
 class FinetuneConfig:

@@ -11,11 +11,12 @@ import numpy as np
 import torch
 
 from mop.errors import MopError
-from mop.finetune.config import POOLINGS, FinetuneConfig
+from mop.finetune.config import FinetuneConfig
 from mop.fusion import add_mixture, mixtures, set_context
 from mop.models import ModelSpec, load_base_model, uses_token_types
 from mop.tasks import TaskSpec
 from mop.training import param_groups
+from mop.vectors import POOLINGS, pool
 
 
 class BilinearHead(torch.nn.Module):
@@ -77,13 +78,7 @@ class Classifier(torch.nn.Module):
 
     def pool(self, inputs: dict[str, torch.Tensor], **kwargs: Any) -> tuple[torch.Tensor, Any]:
         out = self.encoder(**inputs, **kwargs)
-        h = out.last_hidden_state
-        if self.pooling == "cls":
-            return h[:, 0], out
-        if self.pooling == "pooler":
-            return out.pooler_output, out
-        m = inputs["attention_mask"].unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1), out
+        return pool(out, inputs["attention_mask"], self.pooling), out
 
     def forward(
         self,

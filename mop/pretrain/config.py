@@ -16,7 +16,7 @@ class PretrainConfig:
     warmup: float = 0.0
     reduction_factor: int = 8
     head_init: str = "random"  # "random" (paper) or "names" (our addition)
-    pooling: str = "cls"  # the head's input: "cls" (paper) or "pooler" (original code)
+    pooling: str = "cls"  # the head's input: "cls" (paper), "mean" or "pooler" (original code)
     dropout: float = 0.0  # before the head (the original code's head: 0.1 on the pooler)
     max_grad_norm: float | None = None
     checkpoint_every: int = 200

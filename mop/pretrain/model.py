@@ -17,16 +17,17 @@ from mop.models import ModelSpec, load_base_model, uses_token_types
 from mop.pretrain.config import PretrainConfig
 from mop.pretrain.data import PartitionData
 from mop.runtime import Runtime
-from mop.vectors import name_vectors
+from mop.vectors import POOLINGS, name_vectors, pool
 
 
 class EntityPredictor(torch.nn.Module):
     """Base model + one adapter, and a linear entity head on the [CLS] vector.
 
     pooling `cls` reads the last layer's first token (the paper's "representation of the
-    [CLS] token"; `<s>` for RoBERTa-style models); `pooler` reads the pooler output of
-    models that have one, and with `dropout` 0.1 this is the
-    original code's head (a sequence-classification head: pooler, dropout, linear)."""
+    [CLS] token"; `<s>` for RoBERTa-style models); `mean` the mean of the real tokens, for
+    any family; `pooler` reads the pooler output of models that have one, and with
+    `dropout` 0.1 this is the original code's head (a sequence-classification head:
+    pooler, dropout, linear)."""
 
     def __init__(
         self,
@@ -36,12 +37,12 @@ class EntityPredictor(torch.nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if pooling not in ("cls", "pooler"):
-            raise MopError(f"pretrain.pooling: {pooling!r} is not cls or pooler")
+        if pooling not in POOLINGS:
+            raise MopError(f"pretrain.pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
         if pooling == "pooler" and getattr(encoder, "pooler", None) is None:
             raise MopError(
                 "pretrain.pooling: pooler needs a base model with a pooler layer "
-                f"({encoder.config.model_type} has none: use cls)"
+                f"({encoder.config.model_type} has none: use cls or mean)"
             )
         self.encoder = encoder
         self.pooling = pooling
@@ -57,9 +58,7 @@ class EntityPredictor(torch.nn.Module):
     ) -> torch.Tensor:
         types = {"token_type_ids": token_type_ids} if self.segments else {}
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **types)
-        if self.pooling == "pooler":
-            return out.pooler_output
-        return out.last_hidden_state[:, 0]
+        return pool(out, attention_mask, self.pooling)
 
     def forward(
         self,
