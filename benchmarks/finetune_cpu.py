@@ -6,7 +6,7 @@ config/paper.yaml's settings: batch 8, max_length 512, lr 1e-5, one pass) on the
 PubMedQA-shaped examples from the same initial weights, each in its own process (the mop
 runtime tunes malloc process-wide), the order rotating every round (`--rounds`):
 
-- `fp32`, `bf16`: the product (benchmarks/measure.py: mop.training.Loop with
+- `fp32`, `bf16`: the product (benchmarks/common.py: mop.training.Loop with
   mop.finetune.batch_loss on mop.runtime): tokenized once (as `mop encode` does),
   length-bucketed batches, the runtime's forward context (CPU dropout masks, bf16
   autocast with fp32 weights and losses); timed by the loop after one warm-up step.
@@ -46,9 +46,9 @@ import torch
 from transformers import AutoModel, get_linear_schedule_with_warmup
 
 try:
-    from benchmarks import measure
+    from benchmarks import common as measure
 except ImportError:  # run as a script: benchmarks/ itself is on the path
-    import measure  # type: ignore[no-redef]
+    import common as measure  # type: ignore[no-redef]
 from mop.finetune import Classifier, FinetuneConfig, build_classifier, classifier_groups
 from mop.flops import shape_from_config
 from mop.models import load_tokenizer, resolve_model

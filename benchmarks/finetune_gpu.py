@@ -6,7 +6,7 @@ BERT-base-sized random encoder (hidden 768, 12 layers, 12 heads, intermediate 30
 30522), 20 SeqBn adapters (reduction factor 8) loaded from disk as pretraining writes
 them, softmax AdapterFusion over them (mop.fusion) and a 3-class linear head; everything
 trains on sequences of 512 tokens (no padding), bf16 autocast through the runtime, in the
-product's loop (benchmarks/measure.py: mop.training.Loop with mop.finetune.batch_loss,
+product's loop (benchmarks/common.py: mop.training.Loop with mop.finetune.batch_loss,
 fusion regulariser included), timed by the loop after the warm-up steps.
 
 JSON line: examples/s, tokens/s, train GFLOP per token and achieved TFLOP/s (mop.flops,
@@ -37,9 +37,9 @@ import torch
 from adapters import SeqBnConfig
 
 try:
-    from benchmarks import measure
+    from benchmarks import common as measure
 except ImportError:  # run as a script: benchmarks/ itself is on the path
-    import measure  # type: ignore[no-redef]
+    import common as measure  # type: ignore[no-redef]
 from mop.batching import Sequences
 from mop.finetune import Classifier, FinetuneConfig, build_classifier
 from mop.flops import Shape, gpu_peak, train_flops_per_token

@@ -37,9 +37,9 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 try:
-    from benchmarks import measure
+    from benchmarks import common as measure
 except ImportError:  # run as a script: benchmarks/ itself is on the path
-    import measure  # type: ignore[no-redef]
+    import common as measure  # type: ignore[no-redef]
 from mop.batching import bucketed_batches
 from mop.flops import shape_from_config
 from mop.kg import read_kg, write_kg
