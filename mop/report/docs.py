@@ -162,20 +162,15 @@ def _commit(results: Path) -> str:
     return "unknown (not a git checkout)"
 
 
+def _git(repo: Path, *args: str) -> str:
+    cmd = ["git", "-C", str(repo), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+
+
 def _git_head(repo: Path) -> str | None:
     try:
-        head = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "--short=10", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        head = _git(repo, "rev-parse", "--short=10", "HEAD")
+        dirty = _git(repo, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return None
     return f"`{head}`" + (" + uncommitted changes" if dirty else "")
