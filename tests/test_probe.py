@@ -235,3 +235,40 @@ def test_fair_wording_names_entities_as_text_does(small_kg, small_partition, tmp
     )
     starts = {t.split()[0] for t in paraphrased["test"]["text_a"]}
     assert "Does" in starts and len(starts) > 2
+
+
+def test_questions_equal_a_plain_scan_per_group(small_kg, small_partition, tmp_path, monkeypatch):
+    """The grouped sort that builds a split's positives gives the questions of the obvious
+    scan (every group, every fact of the split), draw for draw, with and without
+    `inside_at`, so that the faster form changed no task."""
+    import numpy as np
+
+    from mop.partition import run_partition
+    from mop.tasks import probe
+
+    def scan(self, split, split_of, rng):
+        rows, asked = [], set()
+        heads, tails = self.heads[self.inside], self.tails[self.inside]
+        for g in np.unique(self.group):
+            pos = sorted(
+                {
+                    (int(h), int(t))
+                    for h, t in zip(heads, tails, strict=True)
+                    if self.group[h] == g and split_of[int(h)] == split
+                }
+            )
+            for (d1, p1), (d2, p2) in probe._pair_up(pos, self.known, asked, rng):
+                for d, ph, label in ((d1, p1, 1), (d2, p2, 1), (d1, p2, 0), (d2, p1, 0)):
+                    rows.append((len(rows) // 4, int(self.part[d1]), d, ph, label))
+        return pl.DataFrame(rows, schema=probe.QUESTION_SCHEMA, orient="row")
+
+    other = tmp_path / "k5"
+    run_partition(small_kg, other, 5, seed=2)
+    for seed, inside_at in ((0, []), (4, [other])):
+        fast = build_probe(small_kg, small_partition, seed=seed, inside_at=inside_at)
+        with monkeypatch.context() as m:
+            m.setattr(probe.ProbeFacts, "questions", scan)
+            slow = build_probe(small_kg, small_partition, seed=seed, inside_at=inside_at)
+        assert sum(f.height for f in slow.values()) > 100
+        for split in slow:
+            assert fast[split].equals(slow[split]), split

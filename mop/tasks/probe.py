@@ -193,14 +193,16 @@ class ProbeFacts:
         rows = []
         asked: set[tuple[int, int]] = set()
         heads, tails = self.heads[self.inside], self.tails[self.inside]
-        for g in np.unique(self.group):
-            pos = sorted(
-                {
-                    (int(h), int(t))
-                    for h, t in zip(heads, tails, strict=True)
-                    if self.group[h] == g and split_of[int(h)] == split
-                }
-            )
+        of_split = np.fromiter((s == split for s in split_of.values()), bool, len(split_of))
+        chosen = np.zeros(self.group.size, bool)
+        chosen[np.fromiter(split_of, np.int64, len(split_of))[of_split]] = True
+        heads, tails = heads[chosen[heads]], tails[chosen[heads]]
+        # One sort instead of a scan per group: rows (group, disease, phenotype), unique.
+        facts = np.unique(np.stack([self.group[heads], heads, tails], 1), axis=0)
+        starts = np.searchsorted(facts[:, 0], np.unique(self.group))
+        ends = np.append(starts[1:], len(facts))
+        for start, end in zip(starts, ends, strict=True):
+            pos = [(h, t) for h, t in facts[start:end, 1:].tolist()]
             for (d1, p1), (d2, p2) in _pair_up(pos, self.known, asked, rng):
                 pair = len(rows) // 4
                 for d, ph, label in ((d1, p1, 1), (d2, p2, 1), (d1, p2, 0), (d2, p1, 0)):
