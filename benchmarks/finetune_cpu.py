@@ -21,7 +21,8 @@ distributions with PubMedQA PQA-L's means (question 14.4, context 238.9 words; J
 
 Final JSON line: examples/s per side and their ratios; model GFLOP/s (mop.flops); the
 dense matmul rate each side's process reaches at the model's shapes; `mfu` (the fp32 run
-over the fp32 rate) and `mfu_bf16` (the bf16 run over the bf16 rate). `--profile` prints
+over the fp32 rate) and `mfu_bf16` (the bf16 run over the bf16 rate); `auto_of_fp32_rate`:
+the run in the precision `auto` picks here, over the fp32 rate. `--profile` prints
 torch.profiler's top operators of the fp32 run to stderr.
 
     python benchmarks/finetune_cpu.py [--examples 49] [--rounds 2] [--threads 2] [--profile]
@@ -214,6 +215,10 @@ def main() -> None:
     if "bf16" in rate:
         result["bf16_speedup"] = round(rate["bf16"] / rate["fp32"], 2)
         result["mfu_bf16"] = round(gflops["bf16"] / matmul["bf16"], 3)
+    # What a default run (`precision: auto`) reaches, against the same fp32 rate.
+    auto = Runtime.create("cpu", "auto", args.threads).precision
+    result["auto_precision"] = auto
+    result["auto_of_fp32_rate"] = round(gflops[auto] / matmul["fp32"], 3)
     print(json.dumps(result))
 
 

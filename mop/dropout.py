@@ -80,14 +80,15 @@ def attention(
     """softmax(q k^T * scale + mask) with dropout, @ v: what scaled_dot_product_attention's
     math path computes, with the dropout mask from `keep_mask` (0 < p < 1). The dropout's
     1 / (1 - p) multiplies the output (length x head size) instead of the probabilities
-    (length x length)."""
+    (length x length), the scale multiplies the queries, and the mask is added in place:
+    each saves a pass over the length x length scores, forward and backward."""
     scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    scores = torch.matmul(query * scale, key.transpose(-2, -1))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
+            scores.masked_fill_(~attn_mask, float("-inf"))
         else:
-            scores = scores + attn_mask
+            scores.add_(attn_mask)
     probs = torch.softmax(scores, dim=-1)
     kept = torch.where(keep_mask(probs.shape, dropout_p), probs, 0)
     return torch.matmul(kept, value) * (1.0 / (1.0 - dropout_p))

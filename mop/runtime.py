@@ -91,14 +91,15 @@ class Runtime:
     ) -> Runtime:
         """Resolve the device and precision and set the process up for them.
 
-        `precision: auto` is bf16 autocast on a CUDA device that supports it, fp32
-        elsewhere. `bf16` on the CPU is CPU autocast, the same path as on CUDA: the weights
+        `precision: auto` is bf16 autocast where the device computes bf16 natively
+        (`bf16_supported`: a CUDA card that has it, a CPU with AVX-512 BF16 or AMX) and fp32
+        elsewhere. bf16 on the CPU is CPU autocast, the same path as on CUDA: the weights
         stay fp32 (the master copy the optimizer updates), matmuls run in bf16, and the
-        losses, probe scores and mixture weights are computed in fp32. It is fast where
-        the CPU computes bf16 natively (AVX-512 BF16, AMX: `bf16_supported`) and emulated,
-        slower than fp32, elsewhere. `auto` stays fp32 on such CPUs too: otherwise the
-        same config would give different numbers on different CPUs (the tiny reference
-        included), and the measured gain on a whole step is modest (see the benchmarks).
+        losses, probe scores and mixture weights are computed in fp32. The default table
+        holds under it within the seeds' spread (docs/measurements.md); its numbers differ
+        from fp32's, and between CPUs, in more than the last bits, so `fp32` is the choice
+        for numbers that must be equal on every machine. Where the CPU lacks native bf16,
+        `bf16` is emulated and slower than fp32.
         """
         if precision not in PRECISIONS:
             raise MopError(
@@ -112,7 +113,7 @@ class Runtime:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         if precision == "auto":
-            precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+            precision = "bf16" if bf16_supported(dev) else "fp32"
         return cls(dev, precision, compile)
 
     @property

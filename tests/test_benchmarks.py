@@ -84,6 +84,10 @@ def _finetune_cpu(line, tmp):
     assert all(r > 0 for r in line["examples_per_s"].values())
     assert 0 < line["mean_tokens"] <= 64
     _mfu(line, _precisions())
+    auto = _precisions()[-1]  # bf16 where the CPU has it natively
+    assert line["auto_precision"] == auto
+    fp32_rate = line["model_gflop_per_s"][auto] / line["matmul_gflop_per_s"]["fp32"]
+    assert line["auto_of_fp32_rate"] == pytest.approx(fp32_rate, rel=0.15, abs=0.01)
     # the same data and initial weights on every side: losses of one model, not three
     losses = list(line["mean_loss"].values())
     assert max(losses) - min(losses) < 0.05

@@ -21,6 +21,23 @@ def test_cpu_bf16_support_follows_the_cpu_flags():
     assert bf16_supported(torch.device("cpu")) == bool(native)
 
 
+def test_auto_is_bf16_exactly_on_cpus_with_native_bf16(monkeypatch):
+    """The CPU flags decide `auto`, on whatever CPU the tests run: AMX or AVX-512 BF16
+    gives bf16 autocast, anything else fp32; an explicit precision is kept as it is."""
+    from mop import runtime
+
+    for flags, expected in (
+        ({"avx512f", "amx_bf16", "amx_tile"}, "bf16"),
+        ({"avx512f", "avx512_bf16"}, "bf16"),
+        ({"avx2", "avx512f", "fma"}, "fp32"),
+        (set(), "fp32"),
+    ):
+        monkeypatch.setattr(runtime, "cpu_flags", lambda flags=flags: flags)
+        assert Runtime.create("cpu", "auto").precision == expected, flags
+        assert Runtime.create("cpu", "fp32").precision == "fp32"
+        assert Runtime.create("cpu", "bf16").precision == "bf16"
+
+
 def _finetune(spec, adapters, probe, out, precision):
     cfg = FinetuneConfig(epochs=2, batch_size=16, lr=5e-4, seed=0, head="bilinear")
     rt = Runtime.create("cpu", precision, threads=1)

@@ -31,8 +31,8 @@ def test_device_names_resolve_or_fail_with_the_key():
             resolve_device("cuda:0")
 
 
-def test_precision_auto_is_fp32_on_the_cpu_and_bf16_autocasts():
-    rt = Runtime.create("cpu", "auto", threads=1)
+def test_precision_fp32_and_bf16_autocast_on_the_cpu():
+    rt = Runtime.create("cpu", "fp32", threads=1)
     assert rt.precision == "fp32" and not rt.cuda
     with rt.forward_context():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32

@@ -43,7 +43,8 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
         "--precision",
         default=os.environ.get("MOP_PRECISION", "auto"),
         choices=["auto", "fp32", "bf16"],
-        help="auto: bf16 on CUDA, fp32 on the CPU (default: $MOP_PRECISION or auto)",
+        help="auto: bf16 where the device has it natively (CUDA, AVX-512 BF16 or AMX CPUs), "
+        "else fp32 (default: $MOP_PRECISION or auto)",
     )
     p.add_argument(
         "--compile",
