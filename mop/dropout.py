@@ -80,15 +80,14 @@ def attention(
     """softmax(q k^T * scale + mask) with dropout, @ v: what scaled_dot_product_attention's
     math path computes, with the dropout mask from `keep_mask` (0 < p < 1). The dropout's
     1 / (1 - p) multiplies the output (length x head size) instead of the probabilities
-    (length x length), the scale multiplies the queries, and the mask is added in place:
-    each saves a pass over the length x length scores, forward and backward."""
+    (length x length)."""
     scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
-    scores = torch.matmul(query * scale, key.transpose(-2, -1))
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            scores.masked_fill_(~attn_mask, float("-inf"))
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
-            scores.add_(attn_mask)
+            scores = scores + attn_mask
     probs = torch.softmax(scores, dim=-1)
     kept = torch.where(keep_mask(probs.shape, dropout_p), probs, 0)
     return torch.matmul(kept, value) * (1.0 / (1.0 - dropout_p))
