@@ -133,6 +133,7 @@ def zero_shot(
         "method": "zeroshot",
         "main_metric": "accuracy",
         **_accuracies(scores, splits),
+        "runtime": rt.describe(),
     }
     out = Path(out_dir)
     write_parquet(

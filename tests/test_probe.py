@@ -76,6 +76,7 @@ def test_controls_zero_shot_and_shortcut_baselines(
     acc = ((test["score"] > m["threshold"]).cast(pl.Int64) == test["label"]).mean()
     assert acc == m["test_accuracy"]
     assert test["score"].n_unique() > test.height // 2  # real per-question scores
+    assert m["runtime"]["device"] == "cpu"  # where it ran, as every training job records
     base = shortcut_baselines(tiny_spec, task, small_kg, tmp_path / "baselines.json")
     # Swapped pairs: each test phenotype and disease is once "yes" and once "no", so the
     # priors learned on the training split cannot beat a coin on test.
