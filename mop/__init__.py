@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 
-def load(path: Any, device: str = "cpu") -> Any:
+def load(path: Any, device: str = "cpu", precision: str | None = None) -> Any:
     """An exported model (`mop export`), ready to predict: see mop.export.load."""
     from mop.export import load as _load
 
-    return _load(path, device)
+    return _load(path, device, precision)

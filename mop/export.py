@@ -177,6 +177,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
         "linker": None if linker is None else linker[1] | {"k": len(adapter_dirs)},
         "metrics": {k: v for k, v in metrics.items() if k.split("_")[0] in ("dev", "test")},
         "seed": metrics["seed"],
+        # what the run computed in, so that a loaded model predicts as the run did
+        "precision": metrics.get("runtime", {}).get("precision", "fp32"),
     }
     with atomic_dir(out_dir) as tmp:
         base = {k: v for k, v in encoder.state_dict().items() if not _added_by_adapters(k)}
@@ -285,8 +287,10 @@ class Predictor:
         return self.predict(pl.DataFrame(records), batch_size)
 
 
-def load(path: str | Path, device: str = "cpu") -> Predictor:
-    """Rebuild an exported model (mop export) on `device` (cpu, cuda, cuda:N, auto)."""
+def load(path: str | Path, device: str = "cpu", precision: str | None = None) -> Predictor:
+    """Rebuild an exported model (mop export) on `device` (cpu, cuda, cuda:N, auto), in
+    `precision` (auto, fp32, bf16; default: the precision its run computed in, which
+    `auto` would not give on another machine)."""
     path = Path(path)
     if not (path / "mop.json").is_file():
         raise MopError(f"{path}: not a mop export (no mop.json)")
@@ -311,7 +315,8 @@ def load(path: str | Path, device: str = "cpu") -> Predictor:
             encoder.set_active_adapters(names[0])
     model = Classifier(encoder, meta["head_size"], meta["dropout"], meta["pooling"], meta["head"])
     model.head.load_state_dict(load_file(path / "head.safetensors"))
-    rt = Runtime.create(device, threads=torch.get_num_threads())
+    precision = precision or meta.get("precision", "fp32")
+    rt = Runtime.create(device, precision, threads=torch.get_num_threads())
     model.to(rt.device).eval()
     from transformers import AutoTokenizer
 

@@ -43,7 +43,11 @@ class MopModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         from mop.export import load
 
-        self.model = load(context.artifacts["export"], device=os.environ.get("MOP_DEVICE", "cpu"))
+        self.model = load(
+            context.artifacts["export"],
+            device=os.environ.get("MOP_DEVICE", "cpu"),
+            precision=os.environ.get("MOP_PRECISION"),  # unset: the run's own
+        )
 
     # Unannotated on purpose: MLflow reads type hints here as an input schema.
     def predict(self, context, model_input, params=None):

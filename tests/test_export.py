@@ -121,6 +121,24 @@ def test_mop_load_in_python_with_a_linear_head(tiny_spec, tiny_adapters, pair_pr
     np.testing.assert_allclose(probs, _test_probs(run)[1], atol=1e-6)
 
 
+def test_a_loaded_model_computes_in_its_runs_precision(
+    tiny_spec, tiny_adapters, pair_probe, tmp_path, monkeypatch
+):
+    """`auto` differs between machines (bf16 on CPUs with AMX or AVX-512 BF16), so an
+    export records the precision its run computed in and loads in it unless asked."""
+    from mop import runtime
+
+    run = _run("base", tiny_spec, tiny_adapters, pair_probe, tmp_path / "run")
+    ran = json.loads((run / "metrics.json").read_text())["runtime"]["precision"]
+    export_run(run, tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "mop.json").read_text())["precision"] == ran
+    # a machine where `auto` picks the other precision
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: set() if ran == "bf16" else {"amx_bf16"})
+    other = "fp32" if ran == "bf16" else "bf16"
+    assert mop.load(tmp_path / "export").runtime.precision == ran
+    assert mop.load(tmp_path / "export", precision="auto").runtime.precision == other
+
+
 def test_bad_inputs_stop_with_the_file_and_line(
     tiny_spec, tiny_adapters, pair_probe, tmp_path, capsys
 ):

@@ -109,9 +109,9 @@ def test_mixture_projections_are_one_matrix_product_per_layer(tiny_spec, tiny_ad
     for precision in ("fp32", "bf16"):
         rt = Runtime.create("cpu", precision, threads=1)
         model.eval()
-        with torch.profiler.profile(record_shapes=True) as prof, torch.inference_mode():
-            with rt.forward_context():
-                logits, mix = model(**inputs, output_mixture=True)
+        profile = torch.profiler.profile(record_shapes=True)
+        with profile as prof, torch.inference_mode(), rt.forward_context():
+            logits, mix = model(**inputs, output_mixture=True)
         assert fusion in mix and torch.isfinite(logits).all()
         batched = [
             e.input_shapes

@@ -92,7 +92,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from mop.io import atomic_path
     from mop.tasks import get_task
 
-    model = load(args.model, device=args.device)
+    model = load(args.model, device=args.device, precision=args.precision)
     rows = read_inputs(Path(args.input), model.meta)
     columns = {name: [r.get(name) for r in rows] for name in ("id", "text_a", "text_b")}
     for name in ("candidate", "choices", "contexts"):
@@ -127,5 +127,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, help="JSONL or TSV with text_a (and text_b, ...)")
     p.add_argument("--out", required=True, help="JSONL: id, label, probs per input")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        help="default: the precision the model's run computed in (its mop.json)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_predict)
