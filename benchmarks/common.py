@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from mop.batching import bucketed_batches
 from mop.checkpoint import Checkpoint
 from mop.finetune import Classifier, FinetuneConfig, batch_loss, classifier_groups
 from mop.flops import Shape, matmul_rate, model_matmuls, train_flops_per_token
+from mop.machine import cpu_name
 from mop.runtime import Runtime, bf16_supported
 from mop.tasks import TaskSpec
 from mop.tasks.encode import EncodedSplit
@@ -35,15 +35,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def machine() -> str:
     """The CPU's model name and core count (the figures' machine)."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cpus"
+    return f"{cpu_name()}, {os.cpu_count()} cpus"
 
 
 def load() -> float:

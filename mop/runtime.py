@@ -24,6 +24,7 @@ import torch
 
 from mop.dropout import CpuDropout
 from mop.errors import MopError
+from mop.machine import cpu_flags
 
 PRECISIONS = ("auto", "fp32", "bf16")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -53,24 +54,23 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux: /proc/cpuinfo; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def bf16_supported(device: torch.device) -> bool:
     """Whether the device computes bf16 matmuls natively: a CUDA device that supports it,
     or a CPU with AVX-512 BF16 or AMX (elsewhere CPU bf16 is emulated, and slower)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(device: torch.device, precision: str = "auto") -> str:
+    """fp32 or bf16: `auto` is bf16 where the device computes it natively."""
+    if precision not in PRECISIONS:
+        raise MopError(
+            f"config key runtime.precision: {precision!r} is not one of {', '.join(PRECISIONS)}"
+        )
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    return precision
 
 
 @dataclass(frozen=True)
@@ -101,10 +101,6 @@ class Runtime:
         for numbers that must be equal on every machine. Where the CPU lacks native bf16,
         `bf16` is emulated and slower than fp32.
         """
-        if precision not in PRECISIONS:
-            raise MopError(
-                f"config key runtime.precision: {precision!r} is not one of {', '.join(PRECISIONS)}"
-            )
         dev = resolve_device(device)
         torch.set_num_threads(max(1, threads))
         keep_freed_memory()
@@ -112,9 +108,7 @@ class Runtime:
             torch.cuda.set_device(dev)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        if precision == "auto":
-            precision = "bf16" if bf16_supported(dev) else "fp32"
-        return cls(dev, precision, compile)
+        return cls(dev, resolve_precision(dev, precision), compile)
 
     @property
     def cuda(self) -> bool:
